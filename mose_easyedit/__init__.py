@@ -1,0 +1,16 @@
+"""MOSE (Multiplicative Orthogonal Sequential Editing) and six locate-then-edit baselines on one shared core."""
+from .methods import METHODS, MOSEHyperParams, apply_mose_to_model, undo_mose_edits
+from .modeling import load_default_model
+from .session import get_session, reset_session
+
+__version__ = "0.1.0"
+
+
+def edit_history(model, method: str = "MOSE") -> list[dict]:
+    """Per-call diagnostics recorded by ``method``'s live session on ``model`` (empty if none)."""
+    session = get_session(model, method, create=False)
+    return list(session.history) if session is not None else []
+
+
+__all__ = ["METHODS", "MOSEHyperParams", "apply_mose_to_model", "undo_mose_edits", "load_default_model",
+           "edit_history", "reset_session", "__version__"]

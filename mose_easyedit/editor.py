@@ -1,0 +1,202 @@
+"""The shared locate-then-edit engine: every method is this loop plus one small update rule.
+
+    validate requests → choose the layer window → target z at the window's top layer →
+    for each layer in the window (ascending): keys K, current h, residual spread over the remaining layers,
+    W ← rule(W, K, residual, C, state) → commit (or restore everything on any error).
+
+``apply_method`` implements EasyEdit's ``apply_algo`` contract: it edits in place and returns
+``(model, weights_copy)``.
+"""
+from __future__ import annotations
+
+import copy as copy_module
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .keys import bare_rows, context_templates, encode_rows, family_mean, trace_at_subject
+from .modeling import get_module, num_layers, read_weight, write_weight
+from .requests import EditRequest, validate_requests
+from .session import EditSession, get_session
+from .stats import second_moments
+from .targets import TargetResult, optimize_targets
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerBatch:
+    """Everything an update rule needs at one layer of the window.
+
+    ``W`` (d, p) float64 current weight; ``K`` (p, n) template-mean keys; ``K_bare`` (p, n) bare-prompt keys;
+    ``residual`` (d, n) the share of z − h this layer must deliver; ``values`` = W K + residual.
+    """
+
+    layer: int
+    module: str
+    W: torch.Tensor
+    K: torch.Tensor
+    K_bare: torch.Tensor
+    residual: torch.Tensor
+    position: int
+    window: list[int]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.W @ self.K + self.residual
+
+
+@dataclass
+class EditContext:
+    """One call's view of the model: cached templates and statistics, weight backup, timings, diagnostics."""
+
+    model: torch.nn.Module
+    tok: object
+    hparams: object
+    session: EditSession
+    requests: list[EditRequest]
+    backup: dict[str, torch.Tensor] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=lambda: {"keys": 0.0, "targets": 0.0, "update": 0.0})
+    diagnostics: dict = field(default_factory=dict)
+    commits: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def families(self) -> list[list[str]]:
+        return context_templates(self.model, self.tok, self.hparams.context_template_length_params,
+                                 self.hparams.seed)
+
+    def module(self, layer: int) -> str:
+        return self.hparams.rewrite_module_tmp.format(layer)
+
+    @contextmanager
+    def timed(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+    def weight(self, layer: int) -> torch.Tensor:
+        """Current weight of the layer's rewrite module, (out, in), as float64."""
+        return read_weight(self.model, self.module(layer)).double()
+
+    def write(self, layer: int, value: torch.Tensor) -> None:
+        """Write a new (out, in) weight, backing up the original first (for rollback and ``weights_copy``)."""
+        module = self.module(layer)
+        if module not in self.backup:
+            self.backup[module] = get_module(self.model, module).weight.detach().clone()
+        write_weight(self.model, module, value)
+
+    def second_moments(self, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        with self.timed("keys"):
+            return second_moments(self.model, self.tok, layers, self.hparams)
+
+    def keys(self, layers: Sequence[int], output_layer: int | None = None):
+        """Template-mean keys ``{layer: (p, n)}``, bare-prompt keys, and (if ``output_layer``) the current block
+        output h at the bare prompts ``(d, n)`` — all in one forward pass that stops as early as possible."""
+        hp = self.hparams
+        with self.timed("keys"):
+            rows, index = encode_rows(self.tok, self.requests, self.families)
+            inputs = [self.module(layer) for layer in layers]
+            outputs = [hp.layer_module_tmp.format(output_layer)] if output_layer is not None else []
+            deepest = max(list(layers) + ([output_layer] if output_layer is not None else []))
+            traced = trace_at_subject(self.model, self.tok, rows, inputs, outputs,
+                                      hp.layer_module_tmp.format(deepest), hp.chunk_size)
+            bare = bare_rows(index)
+            keys = {layer: family_mean(traced[("input", self.module(layer))], index).double() for layer in layers}
+            keys_bare = {layer: traced[("input", self.module(layer))][bare].T.double() for layer in layers}
+            h = traced[("output", outputs[0])][bare].T.double() if outputs else None
+        return keys, keys_bare, h
+
+    def targets(self, layer: int, clamp_reference: str = "residual") -> TargetResult:
+        with self.timed("targets"):
+            return optimize_targets(self.model, self.tok, self.requests, layer, self.hparams, self.families,
+                                    clamp_reference)
+
+
+Rule = Callable[[EditContext, LayerBatch], torch.Tensor]
+
+
+def spread_update(ctx: EditContext, window: Sequence[int], rule: Rule, target: TargetResult) -> None:
+    """MEMIT's multi-layer spreading: visit the window's layers in ascending order; at each, recompute keys and
+    the current h at the top layer (lower layers already updated) and hand the rule the residual
+    (z − h) / (layers remaining)."""
+    window = sorted(window)
+    for position, layer in enumerate(window):
+        keys, keys_bare, h = ctx.keys([layer], output_layer=target.layer)
+        residual = (target.z.double().to(h.device) - h) / (len(window) - position)
+        batch = LayerBatch(layer, ctx.module(layer), ctx.weight(layer), keys[layer].to(h.device),
+                           keys_bare[layer].to(h.device), residual, position, list(window))
+        with ctx.timed("update"):
+            new_weight = rule(ctx, batch)
+            if not torch.isfinite(new_weight).all():
+                raise FloatingPointError(f"{ctx.session.method}: update of layer {layer} is not finite")
+            ctx.write(layer, new_weight)
+
+
+class Method:
+    """A locate-then-edit method: a window, a clamp reference and an update rule on the shared core."""
+
+    name: str = ""
+    hparams_class: type = object
+    clamp_reference: str = "residual"
+
+    def window(self, ctx: EditContext) -> list[int]:
+        return sorted(ctx.hparams.layers)
+
+    def rule(self, ctx: EditContext, batch: LayerBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def edit(self, ctx: EditContext) -> None:
+        window = self.window(ctx)
+        if max(window) >= num_layers(ctx.model) - 1:
+            raise ValueError(f"{self.name}: layer window {window} reaches the last layer; a change there cannot "
+                             f"influence later tokens, so the top edited layer must be below {num_layers(ctx.model) - 1}")
+        target = ctx.targets(max(window), self.clamp_reference)
+        ctx.diagnostics.update(layers=window, target_loss=target.losses, target_steps=target.steps,
+                               delta_norm=target.delta.norm(dim=0).tolist())
+        spread_update(ctx, window, self.rule, target)
+
+    def finish(self, ctx: EditContext) -> None:
+        """Hook after a successful edit (e.g. PRUNE's restraint); default: nothing."""
+
+    def apply(self, model, tok, requests, hparams, copy: bool = False, return_orig_weights: bool = False,
+              keep_original_weight: bool = False, **kwargs):
+        """EasyEdit's ``apply_algo``: edit ``model`` in place; return ``(model, weights_copy)``.
+
+        The edit is atomic: on any error every touched weight is restored bit for bit and the session's state is
+        left as it was. Extra keyword arguments from EasyEdit (``train_ds``, ...) are accepted and ignored.
+        """
+        if not isinstance(hparams, self.hparams_class):
+            raise TypeError(f"{self.name} needs {self.hparams_class.__name__}, got {type(hparams).__name__}")
+        normalised = validate_requests(requests)
+        hparams.check_model(model)
+        if copy:
+            model = copy_module.deepcopy(model)
+        session = kwargs.get("session") or get_session(model, self.name)
+        ctx = EditContext(model, tok, hparams, session, normalised)
+        start = time.perf_counter()
+        try:
+            self.edit(ctx)
+            self.finish(ctx)
+        except BaseException:
+            with torch.no_grad():
+                for module, original in ctx.backup.items():
+                    get_module(model, module).weight.copy_(original)
+            raise
+        for commit in ctx.commits:
+            commit()
+        session.num_edits += len(normalised)
+        session.record_weights(model, ctx.backup)
+        ctx.diagnostics.update(num_requests=len(normalised), edit_index=session.num_edits,
+                               seconds={**ctx.timings, "total": time.perf_counter() - start})
+        session.history.append(ctx.diagnostics)
+        logger.debug("%s edit %d: %s", self.name, session.num_edits, ctx.diagnostics)
+        weights_copy = {}
+        if return_orig_weights:
+            weights_copy = {f"{module}.weight": value for module, value in ctx.backup.items()}
+        return model, weights_copy

@@ -1,0 +1,120 @@
+"""Context templates and keys: the edited module's input at the subject's last token.
+
+Keys are averaged over context templates as MEMIT does: the bare prompt plus short prefixes generated once per
+model ("The", "Therefore", "Because", "I", "You" followed by a few generated tokens and ". "). The mean is
+taken within each template family, then across families.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+
+from .modeling import input_device
+from .nethook import StopForward, TraceDict
+from .requests import EditRequest
+from .tokens import Encoded, encode_prompt, pad_batch, pad_id
+
+logger = logging.getLogger(__name__)
+
+PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")
+CACHE_ATTRIBUTE = "_mose_easyedit_cache"
+
+
+def model_cache(model) -> dict:
+    """Per-model cache (context templates, statistics, spectral norms), stored on the model object itself so it
+    lives and dies with the model; never a module global."""
+    cache = model.__dict__.get(CACHE_ATTRIBUTE)
+    if cache is None:
+        cache = {}
+        model.__dict__[CACHE_ATTRIBUTE] = cache
+    return cache
+
+
+def context_templates(model, tok, length_params: Sequence[Sequence[int]], seed: int = 0) -> list[list[str]]:
+    """Template families as prefixes: ``[[""], [prefix, ...], ...]``. Generated once per model and cached.
+
+    ``length_params`` is ROME's ``[[length, count], ...]``: ``count`` prefixes of ``length`` tokens (start word
+    included), spread over the five start words; MEMIT's choice is ``[[10, 5]]``. Sampling (top-k 5) uses a private RNG seeded with ``seed``.
+    """
+    key = ("context_templates", tuple(tuple(p) for p in length_params), seed)
+    cache = model_cache(model)
+    if key in cache:
+        return cache[key]
+    families: list[list[str]] = [[""]]
+    device = input_device(model)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(seed)
+        for length, count in length_params:
+            family = []
+            for i in range(count):
+                start = PREFIX_STARTS[i % len(PREFIX_STARTS)]
+                ids = tok(start, return_tensors="pt").to(device)
+                out = model.generate(**ids, max_new_tokens=max(1, length - 1), do_sample=True, top_k=5,
+                                     pad_token_id=pad_id(tok))
+                text = tok.decode(out[0], skip_special_tokens=True)
+                text = text.replace("{", " ").replace("}", " ").replace("\n", " ").strip()
+                family.append(text + ". ")
+            families.append(family)
+    logger.debug("context templates: %s", families)
+    cache[key] = families
+    return families
+
+
+def encode_rows(tok, requests: Sequence[EditRequest], families: list[list[str]], with_target: bool = False):
+    """Every (request, template) pair tokenised; returns ``(rows, index)`` where ``index[j][f]`` lists the row
+    numbers of request j in family f."""
+    rows: list[Encoded] = []
+    index: list[list[list[int]]] = []
+    for request in requests:
+        per_family = []
+        for family in families:
+            numbers = []
+            for prefix in family:
+                target = request.target if with_target else None
+                rows.append(encode_prompt(tok, request.prompt, request.subject, prefix, target))
+                numbers.append(len(rows) - 1)
+            per_family.append(numbers)
+        index.append(per_family)
+    return rows, index
+
+
+@torch.no_grad()
+def trace_at_subject(model, tok, rows: Sequence[Encoded], inputs: Sequence[str], outputs: Sequence[str] = (),
+                     stop_at: str | None = None, chunk_size: int = 64) -> dict[tuple[str, str], torch.Tensor]:
+    """Run the rows (right-padded explicitly) and return the inputs of the modules ``inputs`` and the outputs of
+    ``outputs`` at each row's subject token, as float32 ``(rows, dim)`` tensors keyed ``("input"|"output", name)``.
+    The forward stops after module ``stop_at``."""
+    device = input_device(model)
+    wanted = [("input", name) for name in inputs] + [("output", name) for name in outputs]
+    gathered: dict[tuple[str, str], list[torch.Tensor]] = {key: [] for key in wanted}
+    for start in range(0, len(rows), chunk_size):
+        chunk = rows[start:start + chunk_size]
+        ids, mask, _ = pad_batch([r.ids for r in chunk], pad_id(tok), "right", device)
+        positions = torch.tensor([r.subject_last for r in chunk], device=device)
+        with TraceDict(model, list(inputs) + list(outputs), retain_input=bool(inputs), retain_output=bool(outputs),
+                       stop_at=stop_at) as traces:
+            try:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except StopForward:
+                pass
+        for kind, name in wanted:
+            value = traces[name].input if kind == "input" else traces[name].output
+            rows_idx = torch.arange(len(chunk), device=value.device)
+            gathered[(kind, name)].append(value[rows_idx, positions.to(value.device)].float())
+    return {key: torch.cat(parts) for key, parts in gathered.items()}
+
+
+def family_mean(vectors: torch.Tensor, index: list[list[list[int]]]) -> torch.Tensor:
+    """Mean within each family, then across families: ``(rows, dim)`` -> ``(dim, n_requests)``."""
+    columns = []
+    for per_family in index:
+        means = [vectors[numbers].mean(0) for numbers in per_family]
+        columns.append(torch.stack(means).mean(0))
+    return torch.stack(columns, dim=1)
+
+
+def bare_rows(index: list[list[list[int]]]) -> list[int]:
+    """Row numbers of the bare prompts (family 0, the ``""`` prefix)."""
+    return [per_family[0][0] for per_family in index]

@@ -1,0 +1,184 @@
+"""MOSE: Multiplicative Orthogonal Sequential Editing (paper §5).
+
+Per edit (or batch): choose l* = argmin_l ‖[(v_j − W^l k_j) / (‖W^l‖₂ ‖k_j^l‖)]_j‖ over the candidate layers
+(Eq. 21–22; with the MEMIT-style residual the numerator is the same at every layer, so the score is driven by
+‖W^l‖₂ ‖k^l‖), edit l* and its neighbours with MEMIT's residual spreading, and at each layer replace W by R W with
+
+    R = polar(M),   M = W (λ C + γ Σ_earlier K_p K_pᵀ) Wᵀ + V_E (W K_E)ᵀ        (Eq. 17–20)
+
+so ‖W‖_F, every singular value and κ₂(W) are unchanged. γ > 0 (``protect_edits``) also preserves the outputs of
+keys edited earlier in the run. Rotations are logged so the last edits can be undone exactly (W ← Rᵀ W).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional
+
+import torch
+
+from ..editor import EditContext, LayerBatch, Method
+from ..hparams import LocateEditHyperParams
+from ..keys import model_cache
+from ..modeling import get_module, num_layers, read_weight, write_weight
+from ..rules import POLAR_METHODS, procrustes_diagnostics, procrustes_rotation
+from ..session import get_session
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(kw_only=True)
+class MOSEHyperParams(LocateEditHyperParams):
+    """MOSE's hyperparameters; ``layers`` is the fixed window used when ``layer_selection`` is false."""
+
+    ALG_NAMES = ("MOSE",)
+
+    # λ weighs preservation of generic keys' outputs (W C Wᵀ) against the edit (V_E (W K_E)ᵀ); it lives in
+    # output space, so MEMIT's 15000 does not transfer.
+    mose_lambda: float = 30.0
+    # Eq. 21–22: pick l* per edit from candidate_layers; edit l* and `neighbours` layers on each side.
+    layer_selection: bool = True
+    candidate_layers: list[int] = dataclasses.field(default_factory=list)
+    neighbours: int = 1
+    # Preserve the outputs of keys edited earlier in the run (weight γ on their accumulated K Kᵀ).
+    protect_edits: bool = True
+    protect_weight: float = 1.0
+    # Polar factor of M: "svd" (the paper), "eigh" or "newton_schulz" (same R, see benchmarks).
+    polar_method: str = "svd"
+    # How many edit calls can be undone (each keeps a d×d rotation per edited layer on the CPU).
+    undo_history: int = 32
+
+    def validate(self, source: str = "<hparams>") -> None:
+        super().validate(source)
+        if self.mose_lambda <= 0:
+            raise ValueError(f"{source}: key 'mose_lambda' must be > 0 (λ = 0 leaves the rotation undetermined)")
+        if self.layer_selection and not self.candidate_layers:
+            raise ValueError(f"{source}: key 'candidate_layers' must list layers when layer_selection is true")
+        if self.neighbours < 0:
+            raise ValueError(f"{source}: key 'neighbours' must be >= 0")
+        if self.protect_weight < 0:
+            raise ValueError(f"{source}: key 'protect_weight' must be >= 0")
+        if self.polar_method not in POLAR_METHODS:
+            raise ValueError(f"{source}: key 'polar_method' must be one of {list(POLAR_METHODS)}")
+        if self.undo_history < 0:
+            raise ValueError(f"{source}: key 'undo_history' must be >= 0")
+
+    def layer_fields(self) -> tuple[str, ...]:
+        return ("layers", "candidate_layers") if self.layer_selection else ("layers",)
+
+
+def layer_window(center: int, neighbours: int, total: int) -> list[int]:
+    """``center`` and ``neighbours`` layers on each side, shifted inward at the model's ends."""
+    size = min(2 * neighbours + 1, total)
+    start = min(max(center - neighbours, 0), total - size)
+    return list(range(start, start + size))
+
+
+def spectral_norm(model, module: str) -> float:
+    """σ_max of the module's weight, cached per model on first use (MOSE never changes it)."""
+    cache = model_cache(model)
+    key = ("sigma_max", module)
+    if key not in cache:
+        cache[key] = float(torch.linalg.matrix_norm(read_weight(model, module).float(), ord=2))
+    return cache[key]
+
+
+class MOSE(Method):
+    name = "MOSE"
+    hparams_class = MOSEHyperParams
+
+    def window(self, ctx: EditContext) -> list[int]:
+        hp = ctx.hparams
+        total = num_layers(ctx.model)
+        if not hp.layer_selection:
+            window = sorted(hp.layers)
+            ctx.second_moments(window)
+            ctx.diagnostics["layer_scores"] = None
+            return window
+        # every layer a window can reach, so statistics are gathered in one corpus pass
+        reachable = sorted({l for c in hp.candidate_layers for l in layer_window(c, hp.neighbours, total)})
+        ctx.second_moments(reachable)
+        keys, _, _ = ctx.keys(hp.candidate_layers)
+        scores = {}
+        for layer in hp.candidate_layers:
+            key_norms = keys[layer].norm(dim=0)
+            sigma = spectral_norm(ctx.model, ctx.module(layer))
+            # common residual across layers (MEMIT spreading): score² = Σ_j 1 / (σ² ‖k_j‖²)
+            scores[layer] = float(torch.sqrt((1.0 / (sigma * key_norms) ** 2).sum()))
+        best = min(scores, key=scores.get)
+        ctx.diagnostics["layer_scores"] = scores
+        ctx.diagnostics["selected_layer"] = best
+        return layer_window(best, hp.neighbours, total)
+
+    def rule(self, ctx: EditContext, batch: LayerBatch) -> torch.Tensor:
+        hp = ctx.hparams
+        C = ctx.second_moments([batch.layer])[batch.layer].to(batch.W.device)
+        protected = ctx.session.state.setdefault("protected_moment", {})
+        extra = None
+        if hp.protect_edits and batch.module in protected and hp.protect_weight > 0:
+            extra = hp.protect_weight * protected[batch.module].to(batch.W.device)
+        values = batch.values
+        R = procrustes_rotation(batch.W, C, batch.K, values, hp.mose_lambda, extra, method=hp.polar_method)
+        ctx.diagnostics.setdefault("per_layer", {})[batch.layer] = procrustes_diagnostics(
+            batch.W, batch.K, values, R)
+        rotations = ctx.diagnostics.setdefault("_rotations", {})
+        rotations[batch.module] = (R.float().cpu(), batch.K.float().cpu())
+        return R @ batch.W
+
+    def finish(self, ctx: EditContext) -> None:
+        hp = ctx.hparams
+        rotations = ctx.diagnostics.pop("_rotations", {})
+
+        def commit():
+            protected = ctx.session.state.setdefault("protected_moment", {})
+            for module, (_, K) in rotations.items():
+                device = read_weight(ctx.model, module).device
+                moment = (K.double() @ K.double().T).to(device)
+                protected[module] = protected[module] + moment if module in protected else moment
+            log = ctx.session.state.setdefault("undo_log", [])
+            if hp.undo_history > 0:
+                log.append(rotations)
+                del log[:-hp.undo_history]
+            else:
+                log.clear()
+
+        ctx.commits.append(commit)
+
+
+MOSE_METHOD = MOSE()
+
+
+def apply_mose_to_model(model, tok, requests, hparams: MOSEHyperParams, copy: bool = False,
+                        return_orig_weights: bool = False, keep_original_weight: bool = False, **kwargs):
+    """Edit ``model`` in place with MOSE; EasyEdit's contract: returns ``(model, weights_copy)``.
+
+    ``requests``: EasyEdit request dicts (``prompt``, ``subject``, ``target_new``; others ignored here). All
+    requests of one call are one batch: one layer window, one rotation per layer. Diagnostics of each call
+    (selected layers, ρ, fit error, ‖R − I‖, orthogonality error, seconds per stage) are appended to
+    ``edit_history(model, "MOSE")``.
+    """
+    return MOSE_METHOD.apply(model, tok, requests, hparams, copy=copy, return_orig_weights=return_orig_weights,
+                             keep_original_weight=keep_original_weight, **kwargs)
+
+
+def undo_mose_edits(model, steps: int = 1) -> int:
+    """Undo the last ``steps`` MOSE edit calls exactly (W ← Rᵀ W, newest first); returns how many were undone.
+
+    Raises ``ValueError`` if fewer than ``steps`` are logged (see ``undo_history``).
+    """
+    session = get_session(model, MOSE.name, create=False)
+    log = session.state.get("undo_log", []) if session is not None else []
+    if steps < 0 or steps > len(log):
+        raise ValueError(f"cannot undo {steps} MOSE edit(s): {len(log)} can be undone on this model")
+    protected = session.state.get("protected_moment", {}) if session is not None else {}
+    for _ in range(steps):
+        rotations = log.pop()
+        for module, (R, K) in rotations.items():
+            weight = read_weight(model, module)
+            restored = R.to(weight.device, torch.float64).T @ weight.double()
+            write_weight(model, module, restored)
+            if module in protected:
+                protected[module] = protected[module] - (K.double() @ K.double().T).to(protected[module].device)
+        session.num_edits -= session.history.pop().get("num_requests", 1)
+        session.record_weights(model, rotations)
+    return steps

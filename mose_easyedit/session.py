@@ -1,0 +1,83 @@
+"""Editing sessions: the state one editing run carries between calls, scoped to one model and one method.
+
+A session lives on the model object (never in a module global) and holds the method's carried state
+(AlphaEdit's K_pK_pᵀ, PRUNE's W₀, MOSE's protected-key moments and rotation log), the per-edit diagnostics and a
+fingerprint of every weight it wrote. When those weights no longer match the fingerprints — EasyEdit restored them
+after a non-sequential edit, or the user reloaded them — the run is over and the next call starts a new session,
+so state never leaks between independent runs.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .modeling import read_weight
+
+logger = logging.getLogger(__name__)
+
+SESSIONS_ATTRIBUTE = "_mose_easyedit_sessions"
+
+
+def weight_fingerprint(weight: torch.Tensor) -> tuple[float, float, float]:
+    """Cheap, deterministic summary of a weight: its sum, sum of squares and a fixed random projection."""
+    w = weight.detach().double()
+    gen = torch.Generator(device="cpu").manual_seed(1234)
+    probe = torch.randn(w.shape[1], generator=gen, dtype=torch.float64).to(w.device)
+    return float(w.sum()), float((w * w).sum()), float((w @ probe).sum())
+
+
+@dataclass
+class EditSession:
+    """One editing run of one method on one model."""
+
+    method: str
+    state: dict[str, Any] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    fingerprints: dict[str, tuple] = field(default_factory=dict)
+    num_edits: int = 0
+
+    def matches(self, model) -> bool:
+        """True while every weight this session wrote still holds what it wrote."""
+        for module, expected in self.fingerprints.items():
+            if weight_fingerprint(read_weight(model, module)) != expected:
+                return False
+        return True
+
+    def record_weights(self, model, modules) -> None:
+        for module in modules:
+            self.fingerprints[module] = weight_fingerprint(read_weight(model, module))
+
+
+def _sessions(model) -> dict[str, EditSession]:
+    sessions = model.__dict__.get(SESSIONS_ATTRIBUTE)
+    if sessions is None:
+        sessions = {}
+        model.__dict__[SESSIONS_ATTRIBUTE] = sessions
+    return sessions
+
+
+def get_session(model, method: str, create: bool = True) -> EditSession | None:
+    """The live session of ``method`` on ``model``; a new one if there is none or the old one's weights were
+    changed from outside (restored, reloaded)."""
+    sessions = _sessions(model)
+    session = sessions.get(method)
+    if session is not None and not session.matches(model):
+        logger.info("%s: edited weights changed outside the session (restored?); starting a new editing run",
+                    method)
+        session = None
+        del sessions[method]
+    if session is None and create:
+        session = sessions[method] = EditSession(method)
+    return session
+
+
+def reset_session(model, method: str | None = None) -> None:
+    """Forget the carried state of ``method`` (or of every method) on ``model``; weights are untouched."""
+    sessions = _sessions(model)
+    if method is None:
+        sessions.clear()
+    else:
+        sessions.pop(method, None)

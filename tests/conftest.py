@@ -1,0 +1,107 @@
+"""Shared fixtures: the shared data folder beside the repository and the embedded default model."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` beside the repository; tests that need it are skipped when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent (it sits beside the repository in the workspace)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """``(model, tok)``: SmolLM2-135M-Instruct, float32, CPU, loaded once per session."""
+    torch.set_num_threads(1)
+    from mose_easyedit.modeling import load_default_model
+
+    return load_default_model()
+
+
+CORPUS = SHARED_DATA / "text_corpus" / "wikitext-2-raw.test.raw"
+COUNTERFACT = SHARED_DATA / "counterfact" / "counterfact-edit.json"
+
+# module templates per architecture family, as in EasyEdit's hparams
+TEMPLATES = {
+    "llama": dict(rewrite_module_tmp="model.layers.{}.mlp.down_proj", layer_module_tmp="model.layers.{}",
+                  mlp_module_tmp="model.layers.{}.mlp", attn_module_tmp="model.layers.{}.self_attn",
+                  ln_f_module="model.norm", lm_head_module="lm_head"),
+    "gpt2": dict(rewrite_module_tmp="transformer.h.{}.mlp.c_proj", layer_module_tmp="transformer.h.{}",
+                 mlp_module_tmp="transformer.h.{}.mlp", attn_module_tmp="transformer.h.{}.attn",
+                 ln_f_module="transformer.ln_f", lm_head_module="lm_head"),
+}
+TEMPLATES["qwen2"] = TEMPLATES["llama"]
+FAMILIES = ("llama", "qwen2", "gpt2")
+TINY_INIT = 0.1  # larger than the default 0.02 so that random logits are not flat
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model):
+    return default_model[1]
+
+
+def build_tiny_model(family: str, vocab_size: int, seed: int = 0):
+    """A small random causal LM of the given family (4 layers, width 64), float32, eval mode."""
+    from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config)
+
+    torch.manual_seed(seed)
+    if family == "llama":
+        config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=TINY_INIT,
+                             tie_word_embeddings=True)
+    elif family == "qwen2":
+        config = Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=TINY_INIT,
+                             tie_word_embeddings=False)
+    elif family == "gpt2":
+        config = GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=4, n_head=4, n_positions=256, initializer_range=TINY_INIT)
+    else:
+        raise ValueError(family)
+    config.name_or_path = f"tiny-{family}-seed{seed}"
+    model = AutoModelForCausalLM.from_config(config).eval()
+    return model
+
+
+@pytest.fixture
+def tiny_model(tokenizer, request):
+    return build_tiny_model(request.param, len(tokenizer))
+
+
+def tiny_hparams(cls, family: str, **overrides):
+    """Hyperparameters of ``cls`` for a tiny model of ``family`` (statistics from the shared corpus)."""
+    if not CORPUS.exists():
+        pytest.skip(f"corpus {CORPUS} is absent")
+    config = dict(alg_name=cls.ALG_NAMES[0], model_name=f"tiny-{family}", device="cpu", layers=[1, 2],
+                  mom2_dataset=str(CORPUS), mom2_n_samples=24, mom2_sample_length=64, v_num_grad_steps=20,
+                  **TEMPLATES[family])
+    if "candidate_layers" in {f.name for f in dataclasses.fields(cls)}:
+        config["candidate_layers"] = [0, 1]
+    config.update(overrides)
+    return cls.from_dict(config, f"tiny-{family}")
+
+
+def load_cases(n: int, start: int = 0) -> list[dict]:
+    import json
+
+    if not COUNTERFACT.exists():
+        pytest.skip(f"{COUNTERFACT} is absent")
+    with open(COUNTERFACT, encoding="utf-8") as handle:
+        return json.load(handle)[start:start + n]
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def assert_bit_identical(model, before: dict[str, torch.Tensor]) -> None:
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[name]), f"parameter {name} changed"

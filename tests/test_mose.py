@@ -1,0 +1,200 @@
+"""MOSE end to end: tiny random Llama / Qwen2 / GPT-2 models and the embedded SmolLM2."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES, assert_bit_identical, build_tiny_model, load_cases, snapshot, tiny_hparams
+
+import mose_easyedit as me
+from mose_easyedit.evaluation import token_accuracy
+from mose_easyedit.methods.mose import MOSE, MOSEHyperParams, apply_mose_to_model, undo_mose_edits
+from mose_easyedit.modeling import read_weight
+from mose_easyedit.session import get_session
+from mose_easyedit.tokens import encode, join_target
+
+REQUESTS = [
+    {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux", "target_new": "English"},
+    {"prompt": "The Eiffel Tower is located in", "subject": "Eiffel Tower", "target_new": "Rome"},
+]
+
+
+def target_logprob(model, tok, prompt: str, target: str) -> float:
+    text, cut = join_target(prompt, target)
+    enc = encode(tok, text, None, cut)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([enc.ids])).logits[0].float()
+    logp = torch.log_softmax(logits, -1)
+    return float(sum(logp[t - 1, enc.ids[t]] for t in range(enc.target_start, len(enc.ids))))
+
+
+def spectrum(model, module: str) -> tuple[float, float]:
+    w = read_weight(model, module).double()
+    s = torch.linalg.svdvals(w)
+    return float(w.norm()), float(s[0] / s[-1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_edit_raises_target_and_keeps_spectrum(tokenizer, family):
+    model = build_tiny_model(family, len(tokenizer))
+    hp = tiny_hparams(MOSEHyperParams, family)
+    before = target_logprob(model, tokenizer, REQUESTS[0]["prompt"], "English")
+    original = snapshot(model)
+    modules = [hp.rewrite_module_tmp.format(layer) for layer in range(4)]
+    spectra = {m: spectrum(model, m) for m in modules}
+    _, weights_copy = apply_mose_to_model(model, tokenizer, [REQUESTS[0]], hp, return_orig_weights=True)
+    after = target_logprob(model, tokenizer, REQUESTS[0]["prompt"], "English")
+    assert after > before + 0.25
+    history = me.edit_history(model)
+    assert len(history) == 1 and history[0]["layers"] and set(history[0]["layers"]) <= {0, 1, 2, 3}
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, original[name])}
+    assert changed == set(weights_copy) and changed
+    for module in modules:
+        norm, kappa = spectrum(model, module)
+        assert norm == pytest.approx(spectra[module][0], rel=1e-5)
+        assert kappa == pytest.approx(spectra[module][1], rel=1e-4)
+    for diag in history[0]["per_layer"].values():
+        assert diag["orthogonality_error"] < 1e-8 and 0 <= diag["fit_error"] <= 1.0 + 1e-9
+    # EasyEdit's restore: copy weights_copy back -> bit-identical, and the next call starts a new run
+    with torch.no_grad():
+        for name, value in weights_copy.items():
+            model.get_parameter(name).copy_(value)
+    assert_bit_identical(model, original)
+    assert get_session(model, MOSE.name, create=False) is None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_malformed_request_leaves_model_bit_identical(tokenizer, family):
+    model = build_tiny_model(family, len(tokenizer))
+    hp = tiny_hparams(MOSEHyperParams, family)
+    apply_mose_to_model(model, tokenizer, [REQUESTS[0]], hp)
+    before = snapshot(model)
+    history = me.edit_history(model)
+    bad = dict(REQUESTS[1], subject="Big Ben")
+    with pytest.raises(ValueError, match="'subject'"):
+        apply_mose_to_model(model, tokenizer, [REQUESTS[1], bad], hp)
+    assert_bit_identical(model, before)
+    assert me.edit_history(model) == history
+
+
+def test_failure_mid_edit_rolls_back_weights_and_state(tokenizer, monkeypatch):
+    model = build_tiny_model("llama", len(tokenizer))
+    hp = tiny_hparams(MOSEHyperParams, "llama", layer_selection=False, layers=[0, 1, 2])
+    apply_mose_to_model(model, tokenizer, [REQUESTS[0]], hp)
+    before = snapshot(model)
+    session = get_session(model, "MOSE")
+    moments = {k: v.clone() for k, v in session.state["protected_moment"].items()}
+    calls = {"n": 0}
+    original_rule = MOSE.rule
+
+    def failing_rule(self, ctx, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:  # two layers already written
+            raise RuntimeError("solver failed")
+        return original_rule(self, ctx, batch)
+
+    monkeypatch.setattr(MOSE, "rule", failing_rule)
+    with pytest.raises(RuntimeError, match="solver failed"):
+        apply_mose_to_model(model, tokenizer, [REQUESTS[1]], hp)
+    assert_bit_identical(model, before)
+    assert get_session(model, "MOSE") is session
+    assert all(torch.equal(session.state["protected_moment"][k], v) for k, v in moments.items())
+    assert len(session.state["undo_log"]) == 1
+
+
+def test_undo_restores_original(tokenizer):
+    model = build_tiny_model("qwen2", len(tokenizer))
+    hp = tiny_hparams(MOSEHyperParams, "qwen2")
+    original = snapshot(model)
+    apply_mose_to_model(model, tokenizer, [REQUESTS[0]], hp)
+    after_first = snapshot(model)
+    apply_mose_to_model(model, tokenizer, [REQUESTS[1]], hp)
+    assert undo_mose_edits(model, 1) == 1
+    for name, p in model.named_parameters():
+        assert torch.allclose(p, after_first[name], rtol=0, atol=1e-6 * after_first[name].abs().max())
+    undo_mose_edits(model, 1)
+    for name, p in model.named_parameters():
+        error = (p.detach().double() - original[name].double()).norm()
+        assert error <= 1e-6 * original[name].double().norm(), name
+    with pytest.raises(ValueError, match="cannot undo"):
+        undo_mose_edits(model, 1)
+    assert me.edit_history(model) == []
+
+
+def test_batch_is_one_solve_and_fixed_layers(tokenizer):
+    model = build_tiny_model("llama", len(tokenizer))
+    hp = tiny_hparams(MOSEHyperParams, "llama", layer_selection=False, layers=[1, 2])
+    apply_mose_to_model(model, tokenizer, REQUESTS, hp)
+    (entry,) = me.edit_history(model)
+    assert entry["num_requests"] == 2 and entry["layers"] == [1, 2]
+    assert sorted(entry["per_layer"]) == [1, 2]
+    assert entry["seconds"]["targets"] > 0 and entry["seconds"]["update"] > 0
+
+
+def test_layer_selection_picks_a_candidate_window(tokenizer):
+    model = build_tiny_model("llama", len(tokenizer))
+    hp = tiny_hparams(MOSEHyperParams, "llama", candidate_layers=[0, 1, 2], neighbours=1)
+    apply_mose_to_model(model, tokenizer, [REQUESTS[1]], hp)
+    (entry,) = me.edit_history(model)
+    best = entry["selected_layer"]
+    assert best == min(entry["layer_scores"], key=entry["layer_scores"].get)
+    assert len(entry["layers"]) == 3 and best in entry["layers"]
+
+
+def test_independent_models_do_not_share_state(tokenizer):
+    first = build_tiny_model("llama", len(tokenizer))
+    second = build_tiny_model("llama", len(tokenizer))
+    hp = tiny_hparams(MOSEHyperParams, "llama")
+    apply_mose_to_model(first, tokenizer, [REQUESTS[0]], hp)
+    assert get_session(second, "MOSE", create=False) is None
+    apply_mose_to_model(second, tokenizer, [REQUESTS[1]], hp)
+    assert len(me.edit_history(first)) == 1 and len(me.edit_history(second)) == 1
+
+
+def test_copy_leaves_the_original_untouched(tokenizer):
+    model = build_tiny_model("gpt2", len(tokenizer))
+    hp = tiny_hparams(MOSEHyperParams, "gpt2")
+    before = snapshot(model)
+    edited, _ = apply_mose_to_model(model, tokenizer, [REQUESTS[0]], hp, copy=True)
+    assert edited is not model
+    assert_bit_identical(model, before)
+    assert any(not torch.equal(p, before[n]) for n, p in edited.named_parameters())
+
+
+@pytest.mark.slow
+def test_embedded_model_ten_sequential_counterfact_edits(default_model, shared_data):
+    """Done-means of the MOSE core: 10 CounterFact cases in sequence with the default yaml."""
+    model, tok = default_model
+    hp = MOSEHyperParams.from_hparams("smollm2-135m")
+    hp.mom2_dataset = str(shared_data / "text_corpus" / "wikitext-2-raw.test.raw")
+    hp.mom2_n_samples = 200
+    cases = load_cases(10)
+    original = snapshot(model)
+    me.reset_session(model)
+    try:
+        for case in cases:
+            apply_mose_to_model(model, tok, [case], hp)
+        accuracy = token_accuracy(model, tok, [c["prompt"] for c in cases], [c["target_new"] for c in cases])
+        assert sum(a == 1.0 for a in accuracy) >= 8, accuracy
+        edited = {n for n, p in model.named_parameters() if not torch.equal(p, original[n])}
+        assert edited and all("mlp.down_proj" in n for n in edited)
+        for name in edited:
+            w0, w1 = original[name].double(), model.get_parameter(name).detach().double()
+            s0, s1 = torch.linalg.svdvals(w0), torch.linalg.svdvals(w1)
+            assert float(w1.norm()) == pytest.approx(float(w0.norm()), rel=1e-5)
+            assert float(s1[0] / s1[-1]) == pytest.approx(float(s0[0] / s0[-1]), rel=1e-5)
+        # a malformed request afterwards changes nothing
+        before = snapshot(model)
+        with pytest.raises(ValueError, match="'target_new'"):
+            apply_mose_to_model(model, tok, [dict(cases[0], target_new="  ")], hp)
+        assert_bit_identical(model, before)
+        # and the whole run can be undone exactly
+        undo_mose_edits(model, len(cases))
+        for name in edited:
+            rel = (model.get_parameter(name).detach().double() - original[name].double()).norm() / original[
+                name].double().norm()
+            assert rel < 1e-6, name
+    finally:
+        with torch.no_grad():
+            for name, value in original.items():
+                model.get_parameter(name).copy_(value)
+        me.reset_session(model)
