@@ -128,9 +128,10 @@ def spread_update(ctx: EditContext, window: Sequence[int], rule: Rule, target: T
     window = sorted(window)
     for position, layer in enumerate(window):
         keys, keys_bare, h = ctx.keys([layer], output_layer=target.layer)
-        residual = (target.z.double().to(h.device) - h) / (len(window) - position)
-        batch = LayerBatch(layer, ctx.module(layer), ctx.weight(layer), keys[layer].to(h.device),
-                           keys_bare[layer].to(h.device), residual, position, list(window))
+        W = ctx.weight(layer)
+        residual = (target.z.double().to(W.device) - h.to(W.device)) / (len(window) - position)
+        batch = LayerBatch(layer, ctx.module(layer), W, keys[layer].to(W.device), keys_bare[layer].to(W.device),
+                           residual, position, list(window))
         with ctx.timed("update"):
             new_weight = rule(ctx, batch)
             if not torch.isfinite(new_weight).all():

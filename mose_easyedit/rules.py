@@ -227,38 +227,69 @@ def polar_factor(M: torch.Tensor, method: str = "svd", init: torch.Tensor | None
 # ----------------------------------------------------------------------------------------------------------
 # 2. MOSE: orthogonal Procrustes rotation
 # ----------------------------------------------------------------------------------------------------------
-def procrustes_cross_moment(W: torch.Tensor, C: torch.Tensor, K: torch.Tensor, V: torch.Tensor, lam: float,
-                            extra_moment: torch.Tensor | None = None) -> torch.Tensor:
-    """MOSE's d×d cross moment M = W (lam·C + extra_moment) Wᵀ + V (W K)ᵀ (paper Eq. 18–19, C for K₀K₀ᵀ).
+def preservation_moment(W: torch.Tensor, C: torch.Tensor, lam: float,
+                        extra_moment: torch.Tensor | None = None) -> torch.Tensor:
+    """The key-space part of MOSE's cross moment: G = W (lam·C + extra_moment) Wᵀ (d×d).
 
-    This is B Aᵀ with A = [√lam W K₀, W K_E], B = [√lam W K₀, V_E]; its polar factor is the Procrustes
-    rotation. Note the key-space part W (lam·C + extra) Wᵀ costs O(d·p²) and, after W ← R W, equals
-    R (old part) Rᵀ, so a sequential caller may propagate it instead of rebuilding it.
+    It costs O(d·p²); after W ← R W it becomes R G Rᵀ (O(d³)), so a sequential caller may propagate it
+    (see :func:`propagate_preservation_moment`) instead of rebuilding it every edit.
     """
     W = _check_tensor("W", W, 2)
     C = _check_tensor("C", C, 2)
-    K = _check_tensor("K", K, 2)
-    V = _check_tensor("V", V, 2)
-    _same_device(W=W, C=C, K=K, V=V, extra_moment=extra_moment)
+    _same_device(W=W, C=C, extra_moment=extra_moment)
     lam = _check_positive("lam", lam)
-    out_dim, in_dim = W.shape
+    in_dim = W.shape[1]
     _check_shape("C", C, (in_dim, in_dim), "p×p key second moment, p = W.shape[1]")
-    if K.shape[0] != in_dim:
-        raise ValueError(f"K must have shape (p={in_dim}, n) with keys as columns, got {tuple(K.shape)}")
-    _check_shape("V", V, (out_dim, K.shape[1]), "d×n targets, one column per key")
     key_moment = lam * _float64(C)
     if extra_moment is not None:
         extra_moment = _check_tensor("extra_moment", extra_moment, 2)
         _check_shape("extra_moment", extra_moment, (in_dim, in_dim), "p×p accumulated key moment")
         key_moment = key_moment + _float64(extra_moment)
     W = _float64(W)
-    outputs = W @ _float64(K)
-    return (W @ key_moment) @ W.T + _float64(V) @ outputs.T
+    return (W @ key_moment) @ W.T
+
+
+def propagate_preservation_moment(G: torch.Tensor, R: torch.Tensor, new_outputs: torch.Tensor | None = None,
+                                  weight: float = 0.0) -> torch.Tensor:
+    """G after W ← R W: R G Rᵀ, plus ``weight``·(R W K)(R W K)ᵀ when the edit's keys join the protected moment
+    (``new_outputs`` = R W K, d×n). Equals :func:`preservation_moment` of the new W up to rounding."""
+    G = _float64(_check_tensor("G", G, 2))
+    R = _float64(_check_tensor("R", R, 2))
+    _check_shape("R", R, tuple(G.shape), "d×d rotation")
+    G = R @ G @ R.T
+    if new_outputs is not None and weight > 0:
+        outputs = _float64(new_outputs)
+        G = G + weight * (outputs @ outputs.T)
+    return (G + G.T) / 2
+
+
+def procrustes_cross_moment(W: torch.Tensor, C: torch.Tensor, K: torch.Tensor, V: torch.Tensor, lam: float,
+                            extra_moment: torch.Tensor | None = None,
+                            preservation: torch.Tensor | None = None) -> torch.Tensor:
+    """MOSE's d×d cross moment M = W (lam·C + extra_moment) Wᵀ + V (W K)ᵀ (paper Eq. 18–19, C for K₀K₀ᵀ).
+
+    This is B Aᵀ with A = [√lam W K₀, W K_E], B = [√lam W K₀, V_E]; its polar factor is the Procrustes
+    rotation. ``preservation``, if given, is the already computed first term (:func:`preservation_moment`).
+    """
+    W = _check_tensor("W", W, 2)
+    K = _check_tensor("K", K, 2)
+    V = _check_tensor("V", V, 2)
+    _same_device(W=W, K=K, V=V)
+    out_dim, in_dim = W.shape
+    if K.shape[0] != in_dim:
+        raise ValueError(f"K must have shape (p={in_dim}, n) with keys as columns, got {tuple(K.shape)}")
+    _check_shape("V", V, (out_dim, K.shape[1]), "d×n targets, one column per key")
+    if preservation is None:
+        preservation = preservation_moment(W, C, lam, extra_moment)
+    else:
+        _check_shape("preservation", preservation, (out_dim, out_dim), "d×d preservation moment")
+    outputs = _float64(W) @ _float64(K)
+    return _float64(preservation) + _float64(V) @ outputs.T
 
 
 def procrustes_rotation(W: torch.Tensor, C: torch.Tensor, K: torch.Tensor, V: torch.Tensor, lam: float,
                         extra_moment: torch.Tensor | None = None, method: str = "svd",
-                        init: torch.Tensor | None = None) -> torch.Tensor:
+                        init: torch.Tensor | None = None, preservation: torch.Tensor | None = None) -> torch.Tensor:
     """MOSE rotation (paper Eq. 17–20): R = polar(M), M = W (lam·C + extra_moment) Wᵀ + V (W K)ᵀ.
 
     Over orthogonal R (d×d), R minimises tr((R − I) W (lam·C + extra_moment) Wᵀ (R − I)ᵀ) + ‖R W K − V‖_F²
@@ -267,7 +298,7 @@ def procrustes_rotation(W: torch.Tensor, C: torch.Tensor, K: torch.Tensor, V: to
     edits' keys. lam must be > 0 (else M can be rank deficient and R arbitrary). ``method``/``init`` are
     passed to :func:`polar_factor`. Returns float64.
     """
-    cross_moment = procrustes_cross_moment(W, C, K, V, lam, extra_moment)
+    cross_moment = procrustes_cross_moment(W, C, K, V, lam, extra_moment, preservation)
     if init is not None:
         _check_shape("init", init, tuple(cross_moment.shape), "d×d rotation")
     return polar_factor(cross_moment, method=method, init=init)

@@ -125,12 +125,13 @@ class _Runner:
         positions ``(rows[i], columns[i])`` only (the output head is applied to those hidden states alone)."""
 
         def edit(hidden):
+            where = (self.rows.to(hidden.device), self.columns.to(hidden.device))
             if capture is not None:
-                capture["hidden"] = hidden[self.rows, self.columns.to(hidden.device)].detach()
+                capture["hidden"] = hidden[where].detach().to(self.ids.device)
             if add is None:
                 return hidden
             hidden = hidden.clone()
-            hidden[self.rows, self.columns.to(hidden.device)] += add.to(hidden.dtype).to(hidden.device)
+            hidden[where] += add.to(device=hidden.device, dtype=hidden.dtype)
             return hidden
 
         # the forward appends to the cache in place: give it a copy so the prefix cache stays graph-free
@@ -143,9 +144,10 @@ class _Runner:
             if plain_head:
                 base = getattr(self.model, self.model.base_model_prefix)
                 hidden = base(**kwargs).last_hidden_state
-                return head(hidden[rows, columns.to(hidden.device)])
+                picked = hidden[rows.to(hidden.device), columns.to(hidden.device)]
+                return head(picked.to(head.weight.device)).to(self.ids.device)
             logits = self.model(**kwargs).logits
-        return logits[rows, columns.to(logits.device)]
+        return logits[rows.to(logits.device), columns.to(logits.device)].to(self.ids.device)
 
 
 def optimize_targets(model, tok, requests: Sequence[EditRequest], layer: int, hparams,
@@ -192,7 +194,8 @@ def optimize_targets(model, tok, requests: Sequence[EditRequest], layer: int, hp
         with Trace(model, module_name, retain_output=True) as module_trace, torch.no_grad():
             logits = runner.logits(layer_name, None, all_rows, all_cols, capture)
         init = capture["hidden"][bare_rows].float()
-        module_output = module_trace.output[runner.rows, runner.columns][bare_rows].float()
+        out = module_trace.output
+        module_output = out[runner.rows.to(out.device), runner.columns.to(out.device)].to(device)[bare_rows].float()
         kl_reference = F.log_softmax(logits[n_loss:].float(), dim=-1)
         reference = module_output if clamp_reference == "module_output" else init
         max_norm = hparams.clamp_norm_factor * reference.norm(dim=1)

@@ -319,52 +319,43 @@ def model_dir(tmp_path_factory):
     return path
 
 
-STATS_LAYERS = list(range(2, 11))
 EE_LAYERS = [4, 5, 6]
 EE_SAMPLES = 1000
 
 
 @pytest.fixture(scope="module")
 def stats_dir(model_dir, tmp_path_factory):
-    """EasyEdit's covariance cache pre-seeded from WikiText-2 (so EasyEdit never downloads Wikipedia)."""
+    """EasyEdit's covariance cache, pre-seeded for every layer from WikiText-2 so that EasyEdit never downloads
+    Wikipedia; our methods are pointed at the same files (``stats_dir``), so both sides use one C."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    text = WIKITEXT.read_text(encoding="utf-8")[:200_000]
-    ids = tok(text, return_tensors="pt").input_ids[0]
-    chunks = ids[: (len(ids) // 128) * 128].view(-1, 128)[:48]  # 6,144 tokens > 1,536 key dimensions
-    sums = {layer: torch.zeros(1536, 1536, dtype=torch.float64) for layer in STATS_LAYERS}
+    ids = tok(WIKITEXT.read_text(encoding="utf-8")[:100_000], return_tensors="pt").input_ids[0]
+    chunks = ids[: (len(ids) // 128) * 128].view(-1, 128)[:32]  # 4,096 tokens > 1,536 key dimensions
+    modules = [f"model.layers.{layer}.mlp.down_proj" for layer in range(model.config.num_hidden_layers)]
+    sums = {name: 0 for name in modules}
 
-    class Enough(Exception):
-        pass
-
-    def hook(layer):
+    def hook(name):
         def record(module, inputs):
-            keys = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
-            sums[layer] += keys.T @ keys
-            if layer == STATS_LAYERS[-1]:
-                raise Enough
+            keys = inputs[0].reshape(-1, inputs[0].shape[-1])
+            sums[name] = sums[name] + keys.T @ keys
 
         return record
 
-    handles = [model.get_submodule(f"model.layers.{layer}.mlp.down_proj").register_forward_pre_hook(hook(layer))
-               for layer in STATS_LAYERS]
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in modules]
     try:
         with torch.no_grad():
             for batch in chunks.split(8):
-                try:
-                    model(input_ids=batch)
-                except Enough:
-                    pass
+                model(input_ids=batch)
     finally:
         for handle in handles:
             handle.remove()
     root = tmp_path_factory.mktemp("stats")
-    for layer in STATS_LAYERS:
-        path = easyedit_stats_path(root, str(model_dir), f"model.layers.{layer}.mlp.down_proj",
-                                   dataset="wikipedia", dtype="float32", sample_size=EE_SAMPLES)
-        write_easyedit_stats(path, sums[layer].float(), chunks.numel(), EE_SAMPLES)
+    for name in modules:
+        path = easyedit_stats_path(root, str(model_dir), name, dataset="wikipedia", dtype="float32",
+                                   sample_size=EE_SAMPLES)
+        write_easyedit_stats(path, sums[name], chunks.numel(), EE_SAMPLES)
     return root
 
 
@@ -411,7 +402,7 @@ def _assert_edits_succeeded(metrics, label: str) -> None:
     assert sum(post) > sum(pre), f"{label}: editing did not raise rewrite_acc ({pre} -> {post})"
 
 
-def _our_hparams(name: str, registered: dict, model_dir: Path):
+def _our_hparams(name: str, registered: dict, model_dir: Path, stats_dir: Path):
     methods = _our_methods()
     if name not in methods:
         pytest.skip(f"{name} is not in mose_easyedit.methods.METHODS yet")
@@ -419,7 +410,8 @@ def _our_hparams(name: str, registered: dict, model_dir: Path):
     if not path.is_file():
         pytest.skip(f"no {path.relative_to(REPO)}")
     hparams = methods[name].hparams_cls.from_hparams(str(path))
-    return dataclasses.replace(hparams, alg_name=registered[name], model_name=str(model_dir), device="cpu")
+    return dataclasses.replace(hparams, alg_name=registered[name], model_name=str(model_dir), device="cpu",
+                               stats_dir=str(stats_dir), mom2_dataset="wikipedia", mom2_n_samples=EE_SAMPLES)
 
 
 def _editor(hparams):
@@ -470,8 +462,8 @@ def test_registered_in_easyedit(registered):
 
 @pytest.mark.easyedit
 @easyedit_checkout
-def test_mose_sequential_edit(registered, model_dir, counterfact, workdir):
-    editor = _editor(_our_hparams("MOSE", registered, model_dir))
+def test_mose_sequential_edit(registered, model_dir, stats_dir, counterfact, workdir):
+    editor = _editor(_our_hparams("MOSE", registered, model_dir, stats_dir))
     assert editor.tok.padding_side == "left"  # what BaseEditor gives names it does not know
     before = _snapshot(editor.model)
 
@@ -484,8 +476,9 @@ def test_mose_sequential_edit(registered, model_dir, counterfact, workdir):
 @pytest.mark.easyedit
 @easyedit_checkout
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_mose_non_sequential_edit_restores_the_model(registered, model_dir, counterfact, workdir, padding_side):
-    editor = _editor(_our_hparams("MOSE", registered, model_dir))
+def test_mose_non_sequential_edit_restores_the_model(registered, model_dir, stats_dir, counterfact, workdir,
+                                                    padding_side):
+    editor = _editor(_our_hparams("MOSE", registered, model_dir, stats_dir))
     editor.tok.padding_side = padding_side  # right: what BaseEditor gives MEMIT/ROME/... on llama models
     before = _snapshot(editor.model)
 
@@ -499,8 +492,8 @@ def test_mose_non_sequential_edit_restores_the_model(registered, model_dir, coun
 
 @pytest.mark.easyedit
 @easyedit_checkout
-def test_mose_batch_edit(registered, model_dir, counterfact, workdir):
-    editor = _editor(_our_hparams("MOSE", registered, model_dir))
+def test_mose_batch_edit(registered, model_dir, stats_dir, counterfact, workdir):
+    editor = _editor(_our_hparams("MOSE", registered, model_dir, stats_dir))
     editor.hparams.batch_size = len(counterfact)
     before = _snapshot(editor.model)
 
@@ -513,8 +506,8 @@ def test_mose_batch_edit(registered, model_dir, counterfact, workdir):
 @pytest.mark.easyedit
 @easyedit_checkout
 @pytest.mark.parametrize("name", [m for m in ALL_METHODS if m != "MOSE"])
-def test_each_of_our_methods_through_base_editor(name, registered, model_dir, counterfact, workdir):
-    editor = _editor(_our_hparams(name, registered, model_dir))
+def test_each_of_our_methods_through_base_editor(name, registered, model_dir, stats_dir, counterfact, workdir):
+    editor = _editor(_our_hparams(name, registered, model_dir, stats_dir))
     before = _snapshot(editor.model)
 
     metrics, _, _ = editor.edit(**_edit_inputs(counterfact), sequential_edit=True, verbose=False)
@@ -550,7 +543,7 @@ def _easyedit_hparams(name: str, model_dir: Path, stats_dir: Path):
 def test_easyedits_method_and_ours_on_the_same_requests(name, implementation, registered, model_dir, stats_dir,
                                                          counterfact, workdir):
     if implementation == "ours":
-        hparams = _our_hparams(name, registered, model_dir)
+        hparams = _our_hparams(name, registered, model_dir, stats_dir)
         label = f"ours ({hparams.alg_name})"
     else:
         hparams = _easyedit_hparams(name, model_dir, stats_dir)

@@ -82,7 +82,8 @@ def test_failure_mid_edit_rolls_back_weights_and_state(tokenizer, monkeypatch):
     apply_mose_to_model(model, tokenizer, [REQUESTS[0]], hp)
     before = snapshot(model)
     session = get_session(model, "MOSE")
-    moments = {k: v.clone() for k, v in session.state["protected_moment"].items()}
+    keys = {k: v.clone() for k, v in session.state["protected_keys"].items()}
+    carried = {k: v[1].clone() for k, v in session.state["preservation"].items()}
     calls = {"n": 0}
     original_rule = MOSE.rule
 
@@ -97,7 +98,8 @@ def test_failure_mid_edit_rolls_back_weights_and_state(tokenizer, monkeypatch):
         apply_mose_to_model(model, tokenizer, [REQUESTS[1]], hp)
     assert_bit_identical(model, before)
     assert get_session(model, "MOSE") is session
-    assert all(torch.equal(session.state["protected_moment"][k], v) for k, v in moments.items())
+    assert all(torch.equal(session.state["protected_keys"][k], v) for k, v in keys.items())
+    assert all(torch.equal(session.state["preservation"][k][1], v) for k, v in carried.items())
     assert len(session.state["undo_log"]) == 1
 
 
@@ -198,3 +200,23 @@ def test_embedded_model_ten_sequential_counterfact_edits(default_model, shared_d
             for name, value in original.items():
                 model.get_parameter(name).copy_(value)
         me.reset_session(model)
+
+
+def test_carried_preservation_moment_matches_a_rebuild(tokenizer):
+    from mose_easyedit.rules import preservation_moment
+    from mose_easyedit.stats import second_moments
+
+    model = build_tiny_model("llama", len(tokenizer))
+    hp = tiny_hparams(MOSEHyperParams, "llama", layer_selection=False, layers=[0, 1], protect_weight=2.0)
+    for request in REQUESTS:
+        apply_mose_to_model(model, tokenizer, [request], hp)
+    state = get_session(model, "MOSE").state
+    for layer in (0, 1):
+        module = hp.rewrite_module_tmp.format(layer)
+        W = read_weight(model, module).double()
+        C = second_moments(model, tokenizer, [layer], hp)[layer]
+        outputs = W @ state["protected_keys"][module].double()
+        rebuilt = preservation_moment(W, C, hp.mose_lambda) + 2.0 * outputs @ outputs.T
+        carried = state["preservation"][module][1]
+        assert state["protected_keys"][module].shape[1] == 2
+        assert float((carried - rebuilt).norm() / rebuilt.norm()) < 1e-5

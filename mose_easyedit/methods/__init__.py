@@ -1,4 +1,7 @@
-"""Registered methods: EasyEdit name -> hyperparameter class and ``apply_X_to_model`` function."""
+"""Registered methods: EasyEdit name -> hyperparameter class and ``apply_X_to_model`` function.
+
+Every method is a :class:`mose_easyedit.editor.Method` on the shared core; only the update rule differs.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,8 +17,15 @@ class MethodSpec:
     apply: Callable
 
 
-METHODS: dict[str, MethodSpec] = {
-    "MOSE": MethodSpec("MOSE", MOSEHyperParams, apply_mose_to_model),
-}
+METHODS: dict[str, MethodSpec] = {}
 
-__all__ = ["METHODS", "MethodSpec", "MOSEHyperParams", "apply_mose_to_model", "undo_mose_edits", "MOSE_METHOD"]
+
+def register_method(name: str, hparams_cls: type, apply: Callable) -> MethodSpec:
+    spec = METHODS[name] = MethodSpec(name, hparams_cls, apply)
+    return spec
+
+
+register_method("MOSE", MOSEHyperParams, apply_mose_to_model)
+
+__all__ = ["METHODS", "MethodSpec", "register_method", "MOSEHyperParams", "apply_mose_to_model",
+           "undo_mose_edits", "MOSE_METHOD"]

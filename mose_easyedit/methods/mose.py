@@ -21,7 +21,8 @@ from ..editor import EditContext, LayerBatch, Method
 from ..hparams import LocateEditHyperParams
 from ..keys import model_cache
 from ..modeling import get_module, num_layers, read_weight, write_weight
-from ..rules import POLAR_METHODS, procrustes_diagnostics, procrustes_rotation
+from ..rules import (POLAR_METHODS, preservation_moment, procrustes_diagnostics, procrustes_rotation,
+                     propagate_preservation_moment)
 from ..session import get_session
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class MOSEHyperParams(LocateEditHyperParams):
     protect_weight: float = 1.0
     # Polar factor of M: "svd" (the paper), "eigh" or "newton_schulz" (same R, see benchmarks).
     polar_method: str = "svd"
-    # How many edit calls can be undone (each keeps a d×d rotation per edited layer on the CPU).
+    # How many edit calls can be undone (each keeps a float32 d×d rotation per edited layer on the CPU).
     undo_history: int = 32
 
     def validate(self, source: str = "<hparams>") -> None:
@@ -112,35 +113,41 @@ class MOSE(Method):
 
     def rule(self, ctx: EditContext, batch: LayerBatch) -> torch.Tensor:
         hp = ctx.hparams
-        C = ctx.second_moments([batch.layer])[batch.layer].to(batch.W.device)
-        protected = ctx.session.state.setdefault("protected_moment", {})
-        extra = None
-        if hp.protect_edits and batch.module in protected and hp.protect_weight > 0:
-            extra = hp.protect_weight * protected[batch.module].to(batch.W.device)
-        values = batch.values
-        R = procrustes_rotation(batch.W, C, batch.K, values, hp.mose_lambda, extra, method=hp.polar_method)
-        ctx.diagnostics.setdefault("per_layer", {})[batch.layer] = procrustes_diagnostics(
-            batch.W, batch.K, values, R)
-        rotations = ctx.diagnostics.setdefault("_rotations", {})
-        rotations[batch.module] = (R.float().cpu(), batch.K.float().cpu())
-        return R @ batch.W
+        W, K, values = batch.W, batch.K, batch.values
+        gamma = hp.protect_weight if hp.protect_edits else 0.0
+        setting = (hp.mose_lambda, gamma)
+        # G = W (λC + γ K_p K_pᵀ) Wᵀ is carried across edits (R G Rᵀ after each rotation) instead of rebuilt
+        cached = ctx.session.state.setdefault("preservation", {}).get(batch.module)
+        if cached is not None and cached[0] == setting:
+            G = cached[1].to(W.device)
+        else:
+            C = ctx.second_moments([batch.layer])[batch.layer].to(W.device)
+            G = preservation_moment(W, C, hp.mose_lambda)
+            earlier = ctx.session.state.setdefault("protected_keys", {}).get(batch.module)
+            if gamma > 0 and earlier is not None and earlier.shape[1]:
+                outputs = W @ earlier.to(W.device, torch.float64)
+                G = G + gamma * outputs @ outputs.T
+        R = procrustes_rotation(W, None, K, values, hp.mose_lambda, method=hp.polar_method, preservation=G)
+        new_weight = R @ W
+        ctx.diagnostics.setdefault("per_layer", {})[batch.layer] = procrustes_diagnostics(W, K, values, R)
+        carried = propagate_preservation_moment(G, R, new_weight @ K, gamma)
+        ctx.diagnostics.setdefault("_staged", {})[batch.module] = (R.float().cpu(), K.float().cpu(), setting,
+                                                                   carried)
+        return new_weight
 
     def finish(self, ctx: EditContext) -> None:
         hp = ctx.hparams
-        rotations = ctx.diagnostics.pop("_rotations", {})
+        staged = ctx.diagnostics.pop("_staged", {})
 
         def commit():
-            protected = ctx.session.state.setdefault("protected_moment", {})
-            for module, (_, K) in rotations.items():
-                device = read_weight(ctx.model, module).device
-                moment = (K.double() @ K.double().T).to(device)
-                protected[module] = protected[module] + moment if module in protected else moment
-            log = ctx.session.state.setdefault("undo_log", [])
-            if hp.undo_history > 0:
-                log.append(rotations)
-                del log[:-hp.undo_history]
-            else:
-                log.clear()
+            state = ctx.session.state
+            keys, preservation = state.setdefault("protected_keys", {}), state.setdefault("preservation", {})
+            log = state.setdefault("undo_log", [])
+            for module, (_, K, setting, carried) in staged.items():
+                keys[module] = torch.cat([keys[module], K], dim=1) if module in keys else K
+                preservation[module] = (setting, carried)
+            log.append({module: (R, K.shape[1]) for module, (R, K, _, _) in staged.items()})
+            del log[:max(0, len(log) - hp.undo_history)]
 
         ctx.commits.append(commit)
 
@@ -170,15 +177,14 @@ def undo_mose_edits(model, steps: int = 1) -> int:
     log = session.state.get("undo_log", []) if session is not None else []
     if steps < 0 or steps > len(log):
         raise ValueError(f"cannot undo {steps} MOSE edit(s): {len(log)} can be undone on this model")
-    protected = session.state.get("protected_moment", {}) if session is not None else {}
     for _ in range(steps):
-        rotations = log.pop()
-        for module, (R, K) in rotations.items():
+        entry = log.pop()
+        for module, (R, count) in entry.items():
             weight = read_weight(model, module)
-            restored = R.to(weight.device, torch.float64).T @ weight.double()
-            write_weight(model, module, restored)
-            if module in protected:
-                protected[module] = protected[module] - (K.double() @ K.double().T).to(protected[module].device)
+            write_weight(model, module, R.to(weight.device, torch.float64).T @ weight.double())
+            keys = session.state["protected_keys"]
+            keys[module] = keys[module][:, :keys[module].shape[1] - count]
+            session.state["preservation"].pop(module, None)  # rebuilt from the remaining keys when next needed
         session.num_edits -= session.history.pop().get("num_requests", 1)
-        session.record_weights(model, rotations)
+        session.record_weights(model, entry)
     return steps
