@@ -2,7 +2,8 @@
 
 Edits the first ``--n`` CounterFact cases one after another, then reports, per configuration:
 median / mean seconds per edit with the keys / targets / update split, how many targets are still reproduced
-after the last edit (every target token the teacher-forced argmax), mean reliability, and the largest relative
+after the last edit (every target token the teacher-forced argmax), reliability / generalization / locality
+(EasyEdit's convention, locality against the unedited model), and the largest relative
 change of ‖W‖_F and κ₂ over the edited matrices. ``--protect both`` runs with and without protection of earlier
 edits (``protect_edits``) so the default can be chosen from a measurement.
 
@@ -28,8 +29,9 @@ logger = logging.getLogger("benchmarks.mose_sequential")
 
 def run(model, tok, cases, hp) -> dict:
     import mose_easyedit as me
-    from mose_easyedit.evaluation import token_accuracy
+    from mose_easyedit.evaluation import cache_locality_reference, evaluate_requests, summarize, token_accuracy
 
+    reference = cache_locality_reference(model, tok, cases, progress=False)
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
     me.reset_session(model)
     seconds = []
@@ -42,6 +44,7 @@ def run(model, tok, cases, hp) -> dict:
         history = me.edit_history(model)
         accuracy = token_accuracy(model, tok, [c["prompt"] for c in cases], [c["target_new"] for c in cases],
                                   progress=False)
+        metrics = summarize(evaluate_requests(model, tok, cases, reference, progress=False))
         drift_norm, drift_kappa = 0.0, 0.0
         for name, p in model.named_parameters():
             if not torch.equal(p, original[name]):
@@ -58,7 +61,8 @@ def run(model, tok, cases, hp) -> dict:
     return {
         "median_s": statistics.median(seconds), "mean_s": statistics.fmean(seconds), **stages,
         "retained": sum(a == 1.0 for a in accuracy), "n": len(cases),
-        "reliability": statistics.fmean(accuracy), "norm_drift": drift_norm, "kappa_drift": drift_kappa,
+        "reliability": metrics["reliability"], "generalization": metrics.get("generalization", float("nan")),
+        "locality": metrics.get("locality", float("nan")), "norm_drift": drift_norm, "kappa_drift": drift_kappa,
     }
 
 
@@ -96,11 +100,12 @@ def main(argv=None) -> int:
             rows.append((protect, lam, result))
     print(f"MOSE single-sequential, {args.n} CounterFact edits from case {args.start}, SmolLM2-135M, "
           f"{torch.get_num_threads()} thread(s), torch {torch.__version__}")
-    print("| protect | λ | retained after last edit | reliability | median s/edit | keys s | targets s | "
-          "update s | max ‖W‖ drift | max κ₂ drift |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| protect | λ | retained after last edit | reliability | generalization | locality | median s/edit | "
+          "keys s | targets s | update s | max ‖W‖ drift | max κ₂ drift |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for protect, lam, r in rows:
         print(f"| {'on' if protect else 'off'} | {lam:g} | {r['retained']}/{r['n']} | {r['reliability']:.3f} | "
+              f"{r['generalization']:.3f} | {r['locality']:.3f} | "
               f"{r['median_s']:.2f} | {r['keys']:.2f} | {r['targets']:.2f} | {r['update']:.2f} | "
               f"{r['norm_drift']:.1e} | {r['kappa_drift']:.1e} |")
     return 0

@@ -1,4 +1,5 @@
 """MOSE (Multiplicative Orthogonal Sequential Editing) and six locate-then-edit baselines on one shared core."""
+from .easyedit import autoregister, register, unregister
 from .methods import METHODS, MOSEHyperParams, apply_mose_to_model, undo_mose_edits
 from .modeling import load_default_model
 from .session import get_session, reset_session
@@ -13,4 +14,7 @@ def edit_history(model, method: str = "MOSE") -> list[dict]:
 
 
 __all__ = ["METHODS", "MOSEHyperParams", "apply_mose_to_model", "undo_mose_edits", "load_default_model",
-           "edit_history", "reset_session", "__version__"]
+           "edit_history", "reset_session", "register", "unregister", "__version__"]
+
+# Register our methods with EasyEdit as soon as it is imported (now, if it already is); never imports it.
+autoregister()

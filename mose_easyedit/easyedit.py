@@ -95,13 +95,14 @@ class _HostState:
         return name in self.registered and alg_dict.get(name) is self.registered[name]
 
 
-def _host():
-    """``(ALG_DICT, BatchEditor, state)`` of the imported EasyEdit, patching the whitelist check once."""
+def _host(install: bool = True):
+    """``(ALG_DICT, BatchEditor, state)`` of the imported EasyEdit; ``install`` patches the whitelist check once
+    (without it, ``state`` is ``None`` until something was registered)."""
     # `import easyeditor.util.alg_dict as m` fails: easyeditor/__init__ star-imports shadow the subpackages.
     alg_dict = importlib.import_module(_ALG_DICT_MODULE).ALG_DICT
     batch_editor = importlib.import_module(_BATCH_EDITOR_MODULE).BatchEditor
     state = batch_editor.__dict__.get(_STATE_ATTRIBUTE)
-    if state is None:
+    if state is None and install:
         # A staticmethod on an Enum: editor.py calls BatchEditor.is_batchable_method(name), so replacing the
         # class attribute reaches every caller. The original check stays in force for EasyEdit's own names.
         state = _HostState(original_is_batchable=batch_editor.is_batchable_method)
@@ -183,16 +184,19 @@ def unregister(methods=None) -> list[str]:
     """
     if "easyeditor" not in sys.modules:
         return []
-    alg_dict, _batch_editor, state = _host()
+    alg_dict, _batch_editor, state = _host(install=False)
+    if state is None:
+        return []
     if methods is None:
         wanted = set(state.registered)
     else:
         wanted = {alg for spec in _method_specs(methods) for alg in accepted_alg_names(spec.name)}
     removed = []
     for alg_name in sorted(wanted & set(state.registered)):
-        if state.owns(alg_dict, alg_name):
-            if alg_name in state.displaced:
-                alg_dict[alg_name] = state.displaced.pop(alg_name)
+        displaced = state.displaced.pop(alg_name, None)
+        if state.owns(alg_dict, alg_name):  # else someone else has put their method there since: leave it
+            if displaced is not None:
+                alg_dict[alg_name] = displaced
             else:
                 del alg_dict[alg_name]
             removed.append(alg_name)
@@ -205,7 +209,9 @@ def registered_names() -> dict[str, Callable]:
     """``{EasyEdit name: our function}`` for every name this plugin currently holds in ``ALG_DICT``."""
     if "easyeditor" not in sys.modules:
         return {}
-    alg_dict, _batch_editor, state = _host()
+    alg_dict, _batch_editor, state = _host(install=False)
+    if state is None:
+        return {}
     return {name: fn for name, fn in state.registered.items() if state.owns(alg_dict, name)}
 
 

@@ -87,7 +87,7 @@ def _generated_tokens(model, tok, n_samples: int, length: int, seed: int) -> tor
         return torch.load(path)
     starts = ["The", "In", "A", "It", "This", "He", "She", "They", "One", "When", "After", "Many"]
     device = input_device(model)
-    batch, out = 32, []
+    batch, out = 64, []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(seed)
         for begin in tqdm(range(0, n_samples, batch), desc="sampling a statistics corpus from the model",
@@ -134,13 +134,15 @@ def _cache_path(model, module: str, hparams, corpus_id: str) -> Path:
 
 
 def _easyedit_path(model, module: str, hparams) -> Path | None:
+    """EasyEdit's statistics file for this module, when ``stats_dir`` is set."""
     if not hparams.stats_dir:
         return None
-    tail = str(hparams.model_name or model.config.name_or_path).rstrip("/").split("/")[-1]
+    from .easyedit_stats import easyedit_stats_path
+
+    name = hparams.model_name or model.config.name_or_path
     dataset = hparams.mom2_dataset if hparams.mom2_dataset in ("wikipedia", "wikitext") else Path(
         hparams.mom2_dataset).name
-    return (Path(hparams.stats_dir) / tail / f"{dataset}_stats"
-            / f"{module}_{hparams.mom2_dtype}_mom2_{hparams.mom2_n_samples}.npz")
+    return easyedit_stats_path(hparams.stats_dir, name, module, dataset, hparams.mom2_dtype, hparams.mom2_n_samples)
 
 
 def _layer_order(model, names: Sequence[str]) -> str:

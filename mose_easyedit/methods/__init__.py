@@ -8,6 +8,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .mose import MOSE_METHOD, MOSEHyperParams, apply_mose_to_model, undo_mose_edits
+from .mose_oft import MOSEOFTHyperParams, apply_mose_oft_to_model
+from .alphaedit import AlphaEditHyperParams, apply_alphaedit_to_model
+from .emmet import EMMETHyperParams, apply_emmet_to_model
+from .memit import MEMITHyperParams, apply_memit_to_model
+from .prune import PRUNEHyperParams, apply_prune_to_model
+from .rect import RECTHyperParams, apply_rect_to_model
+from .rome import ROMEHyperParams, apply_rome_to_model
 
 
 @dataclass(frozen=True)
@@ -26,6 +33,16 @@ def register_method(name: str, hparams_cls: type, apply: Callable) -> MethodSpec
 
 
 register_method("MOSE", MOSEHyperParams, apply_mose_to_model)
+register_method("MOSE-OFT", MOSEOFTHyperParams, apply_mose_oft_to_model)
+register_method("ROME", ROMEHyperParams, apply_rome_to_model)
+register_method("MEMIT", MEMITHyperParams, apply_memit_to_model)
+register_method("RECT", RECTHyperParams, apply_rect_to_model)
+register_method("EMMET", EMMETHyperParams, apply_emmet_to_model)
+register_method("PRUNE", PRUNEHyperParams, apply_prune_to_model)
+register_method("AlphaEdit", AlphaEditHyperParams, apply_alphaedit_to_model)
 
 __all__ = ["METHODS", "MethodSpec", "register_method", "MOSEHyperParams", "apply_mose_to_model",
-           "undo_mose_edits", "MOSE_METHOD"]
+           "undo_mose_edits", "MOSE_METHOD", "MOSEOFTHyperParams", "apply_mose_oft_to_model",
+           "ROMEHyperParams", "apply_rome_to_model", "MEMITHyperParams", "apply_memit_to_model",
+           "RECTHyperParams", "apply_rect_to_model", "EMMETHyperParams", "apply_emmet_to_model",
+           "PRUNEHyperParams", "apply_prune_to_model", "AlphaEditHyperParams", "apply_alphaedit_to_model"]

@@ -5,9 +5,9 @@ At each layer of the window: min tr(ΔW C ΔWᵀ) subject to (W + ΔW) K = W K +
     ΔW = R (Kᵀ C⁻¹ K + ridge·I)⁻¹ Kᵀ C⁻¹                                     (docs/methods.md §5)
 
 (:func:`mose_easyedit.rules.emmet_delta`, float64 solves). EMMET's two constants, the scale λ_m of C
-(``mom2_update_weight`` in its configs) and λ_e, only enter as their product ridge = λ_m·λ_e, so this class has
-that one knob, ``emmet_ridge``, and ignores ``mom2_update_weight``. The smaller the ridge, the more exactly each
-layer delivers its share of the residual on the edit keys.
+(``mom2_update_weight`` in its configs) and λ_e, only enter as their product ridge = λ_m·λ_e, so this class
+has that one knob, ``emmet_ridge``, and ignores ``mom2_update_weight``. The smaller the ridge, the more
+exactly each layer delivers its share of the residual on the edit keys.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from .memit import MEMIT, covariance, record_update
 
 @dataclasses.dataclass(kw_only=True)
 class EMMETHyperParams(LocateEditHyperParams):
-    """The core's fields plus ``emmet_ridge``; ``mom2_update_weight`` is not read (see the module docstring)."""
+    """The core's fields plus ``emmet_ridge``; ``mom2_update_weight`` is not read (see the module doc)."""
 
     ALG_NAMES = ("EMMET", "EMMET-core")
 
@@ -58,5 +58,6 @@ def apply_emmet_to_model(model, tok, requests, hparams: EMMETHyperParams, copy: 
     Unlike EasyEdit's EMMET, ``weights_copy`` holds the original weights whenever ``return_orig_weights`` is
     true, so a non-sequential EasyEdit run restores them. Diagnostics go to ``edit_history(model, "EMMET")``.
     """
-    return EMMET_METHOD.apply(model, tok, requests, hparams, copy=copy, return_orig_weights=return_orig_weights,
+    return EMMET_METHOD.apply(model, tok, requests, hparams, copy=copy,
+                              return_orig_weights=return_orig_weights,
                               keep_original_weight=keep_original_weight, **kwargs)

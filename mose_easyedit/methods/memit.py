@@ -11,15 +11,12 @@ generic text, gathered for the whole window in one corpus pass and cached.
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import torch
 
 from ..editor import EditContext, LayerBatch, Method
 from ..hparams import LocateEditHyperParams
 from ..rules import memit_delta
-
-logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -30,8 +27,13 @@ class MEMITHyperParams(LocateEditHyperParams):
 
     def validate(self, source: str = "<hparams>") -> None:
         super().validate(source)
-        if self.mom2_update_weight <= 0:
-            raise ValueError(f"{source}: key 'mom2_update_weight' must be > 0 (λ C keeps the solve regular)")
+        require_update_weight(self, source)
+
+
+def require_update_weight(hparams: LocateEditHyperParams, source: str) -> None:
+    """λ = ``mom2_update_weight`` must be > 0: λ C keeps MEMIT's solve regular."""
+    if not hparams.mom2_update_weight > 0:
+        raise ValueError(f"{source}: key 'mom2_update_weight' must be > 0, got {hparams.mom2_update_weight}")
 
 
 def covariance(ctx: EditContext, batch: LayerBatch) -> torch.Tensor:
@@ -67,7 +69,8 @@ class MEMIT(Method):
 
     def rule(self, ctx: EditContext, batch: LayerBatch) -> torch.Tensor:
         C = covariance(ctx, batch)
-        delta = memit_delta(batch.residual.to(C.device), batch.K.to(C.device), C, ctx.hparams.mom2_update_weight)
+        lam = ctx.hparams.mom2_update_weight
+        delta = memit_delta(batch.residual.to(C.device), batch.K.to(C.device), C, lam)
         record_update(ctx, batch, delta)
         return batch.W + delta
 
@@ -82,5 +85,6 @@ def apply_memit_to_model(model, tok, requests, hparams: MEMITHyperParams, copy: 
     All requests of one call are one batch (one solve per layer). Diagnostics of each call are appended to
     ``edit_history(model, "MEMIT")``.
     """
-    return MEMIT_METHOD.apply(model, tok, requests, hparams, copy=copy, return_orig_weights=return_orig_weights,
+    return MEMIT_METHOD.apply(model, tok, requests, hparams, copy=copy,
+                              return_orig_weights=return_orig_weights,
                               keep_original_weight=keep_original_weight, **kwargs)

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 class MOSEHyperParams(LocateEditHyperParams):
     """MOSE's hyperparameters; ``layers`` is the fixed window used when ``layer_selection`` is false."""
 
-    ALG_NAMES = ("MOSE",)
+    ALG_NAMES = ("MOSE", "MOSE-core")
 
     # λ weighs preservation of generic keys' outputs (W C Wᵀ) against the edit (V_E (W K_E)ᵀ); it lives in
     # output space, so MEMIT's 15000 does not transfer.

@@ -14,7 +14,7 @@ import torch
 from ..editor import EditContext, LayerBatch
 from ..hparams import LocateEditHyperParams
 from ..rules import memit_delta, rect_kept_count, rect_sparsify
-from .memit import MEMIT, covariance, record_update
+from .memit import MEMIT, covariance, record_update, require_update_weight
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -29,8 +29,7 @@ class RECTHyperParams(LocateEditHyperParams):
 
     def validate(self, source: str = "<hparams>") -> None:
         super().validate(source)
-        if self.mom2_update_weight <= 0:
-            raise ValueError(f"{source}: key 'mom2_update_weight' must be > 0 (λ C keeps the solve regular)")
+        require_update_weight(self, source)
         if not 0.0 < self.keep_fraction <= 1.0:
             raise ValueError(f"{source}: key 'keep_fraction' must be in (0, 1], got {self.keep_fraction}")
 
@@ -59,7 +58,9 @@ def apply_rect_to_model(model, tok, requests, hparams: RECTHyperParams, copy: bo
                         return_orig_weights: bool = False, keep_original_weight: bool = False, **kwargs):
     """Edit ``model`` in place with RECT (MEMIT base); EasyEdit's contract: returns ``(model, weights_copy)``.
 
-    Diagnostics per call (‖ΔW‖, kept fraction, share of ‖ΔW‖ kept per layer) go to ``edit_history(model, "RECT")``.
+    Diagnostics per call (‖ΔW‖, kept fraction and the share of the dense ‖ΔW‖ kept, per layer) go to
+    ``edit_history(model, "RECT")``.
     """
-    return RECT_METHOD.apply(model, tok, requests, hparams, copy=copy, return_orig_weights=return_orig_weights,
+    return RECT_METHOD.apply(model, tok, requests, hparams, copy=copy,
+                             return_orig_weights=return_orig_weights,
                              keep_original_weight=keep_original_weight, **kwargs)

@@ -1,0 +1,181 @@
+"""Resumable runs: atomic files and checkpoints of the edited weights, the editing sessions and the RNG states.
+
+Every file is written to ``<name>.tmp`` and moved into place with ``os.replace``, so a run killed at any moment
+leaves either the previous or the new version, never a torn one.
+
+A checkpoint holds what an edit step changes and nothing that can be recomputed from the original model:
+
+* ``weights``: every parameter the method has written so far (a copy on the CPU);
+* ``sessions``: the model's editing sessions (``model.__dict__["_mose_easyedit_sessions"]``: carried state,
+  history, fingerprints). They are restored *after* the weights, so their fingerprints match and the next edit
+  continues the same run;
+* ``cache``: the small entries of the per-model cache (context templates, spectral norms of the original
+  weights, ...), so values a method caches lazily on first use are the ones an uninterrupted run would use;
+  the large key statistics are not stored (they come back from the on-disk statistics cache);
+* ``rng``: the Python, NumPy and torch (CPU and CUDA) generator states;
+* ``state``: the runner's progress and partial results.
+
+Checkpoints are unpickled with ``weights_only=False`` (sessions are Python objects): load only files you wrote.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from ..keys import model_cache
+from ..session import SESSIONS_ATTRIBUTE
+
+logger = logging.getLogger(__name__)
+
+#: Cache entries up to this many tensor elements are stored in checkpoints; larger ones are recomputed.
+SMALL_TENSOR_ELEMENTS = 1 << 16
+
+
+# ------------------------------------------------------------------------------------------------ atomic files
+def _replace(tmp: Path, path: Path) -> None:
+    os.replace(tmp, path)
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    _replace(tmp, path)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_jsonl(path: str | os.PathLike, records) -> None:
+    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in records))
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    _replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The complete lines of a JSON-lines file (a torn last line, from a kill mid-append, is dropped)."""
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if not line.endswith("\n"):
+                break
+            if line.strip():
+                records.append(json.loads(line))
+    return records
+
+
+# ------------------------------------------------------------------------------------------------------ RNG
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------- model cache
+def _is_small(value: Any) -> bool:
+    """True for values cheap to store: no tensor (recursively) larger than ``SMALL_TENSOR_ELEMENTS``."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() <= SMALL_TENSOR_ELEMENTS
+    if isinstance(value, Mapping):
+        return all(_is_small(v) for v in value.values())
+    if isinstance(value, (list, tuple, set)):
+        return all(_is_small(v) for v in value)
+    return True
+
+
+def small_cache_entries(model) -> dict:
+    return {key: value for key, value in model_cache(model).items() if _is_small(value)}
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: str | os.PathLike, model, parameter_names, state: Mapping) -> None:
+    """Write a checkpoint of ``model`` (the named parameters, sessions, small cache entries) plus the RNG states
+    and the runner's ``state``, atomically."""
+    weights = {name: model.get_parameter(name).detach().cpu().clone() for name in sorted(parameter_names)}
+    payload = {
+        "format": 1,
+        "weights": weights,
+        "sessions": dict(model.__dict__.get(SESSIONS_ATTRIBUTE, {})),
+        "cache": small_cache_entries(model),
+        "rng": rng_state(),
+        "state": dict(state),
+    }
+    atomic_torch_save(payload, path)
+    logger.debug("checkpoint written: %s (%d weight(s))", path, len(weights))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint; tensors return to the devices they were saved from (resume on the same kind of
+    machine)."""
+    try:
+        payload = torch.load(path, weights_only=False)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{path}: cannot load the checkpoint ({exc}); was it written on another device?") from exc
+    if not isinstance(payload, dict) or payload.get("format") != 1:
+        raise ValueError(f"{path}: not a checkpoint of this runner")
+    return payload
+
+
+def restore_checkpoint(model, payload: Mapping) -> None:
+    """Put a checkpoint back into a freshly loaded model: cache entries, then weights, then the sessions (whose
+    fingerprints must match the restored weights), then the RNG states."""
+    model_cache(model).update(payload["cache"])
+    with torch.no_grad():
+        for name, value in payload["weights"].items():
+            parameter = model.get_parameter(name)
+            parameter.copy_(value.to(device=parameter.device, dtype=parameter.dtype))
+    sessions = model.__dict__.setdefault(SESSIONS_ATTRIBUTE, {})
+    sessions.clear()
+    for method, session in payload["sessions"].items():
+        if not session.matches(model):
+            raise RuntimeError(f"checkpoint: the {method} session does not match the restored weights")
+        sessions[method] = session
+    set_rng_state(payload["rng"])

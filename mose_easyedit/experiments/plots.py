@@ -1,0 +1,207 @@
+"""PNG plots of one run and of several runs overlaid (matplotlib, Agg backend: no display needed).
+
+One run (``plot_run``): ``metrics.png`` (reliability / generalization / locality of the edited facts vs number of
+edits, retention after the last edit marked), ``general.png`` (general tasks vs edits, paper Fig. 3),
+``stability.png`` (‖W‖_F, κ₂, ‖W − W₀‖_F and σ_min of every edited layer vs edits, paper Fig. 2) and, for methods
+that log them, ``diagnostics.png`` (MOSE's ρ and fit error per edit).
+
+Several runs (``plot_compare``): the same curves with one line per run, the stability panels reduced to the worst
+edited layer (largest ‖W‖_F / ‖W₀‖_F, κ₂ / κ₂(W₀), ‖W − W₀‖_F / ‖W₀‖_F).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("reliability", "generalization", "locality")
+STABILITY_PANELS = (("frobenius", "‖W‖_F", False), ("kappa", "κ₂(W)", True),
+                    ("delta_frobenius", "‖W − W₀‖_F", False), ("sigma_min", "σ_min(W)", False))
+
+
+def layer_label(module: str) -> str:
+    numbers = re.findall(r"\d+", module)
+    return f"layer {numbers[0]}" if numbers else module
+
+
+def _layer_order(module: str) -> tuple:
+    numbers = re.findall(r"\d+", module)
+    return (int(numbers[0]) if numbers else -1, module)
+
+
+def run_label(summary: Mapping) -> str:
+    label = f"{summary.get('method')} · {summary.get('model')} · b={summary.get('batch_size')}"
+    if summary.get("ablation"):
+        label += f" · {summary['ablation']}"
+    return label
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
+
+
+def _stability_series(records: Sequence[Mapping], original: Mapping[str, Mapping]) -> dict[str, list]:
+    """``{module: [(edits, stats), ...]}`` starting from the original weight at 0 edits."""
+    series: dict[str, list] = {}
+    for record in records:
+        for module, stats in (record.get("stability") or {}).items():
+            if module not in series:
+                base = dict(original.get(module, {}), delta_frobenius=0.0)
+                series[module] = [(0, base)] if original.get(module) else []
+            series[module].append((record["edits"], stats))
+    return series
+
+
+# ------------------------------------------------------------------------------------------------------ one run
+def plot_run(run_dir: str | Path, records: Sequence[Mapping], summary: Mapping) -> list[str]:
+    """Write the run's plots into ``run_dir``; returns the file names written."""
+    run_dir = Path(run_dir)
+    written = []
+    title = f"{run_label(summary)} · {summary.get('data')}"
+    n = summary.get("num_edits")
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    curve = summary.get("curve") or []
+    for metric in METRICS:
+        points = [(c["edits"], c[metric]) for c in curve if metric in c]
+        line = None
+        if points:
+            line, = ax.plot(*zip(*points), marker="o", ms=3, label=f"{metric} (edited so far)")
+        final = (summary.get("metrics") or {}).get(metric)
+        if final is not None:
+            ax.plot([n], [final], marker="*", ms=12, ls="none", color=line.get_color() if line else None,
+                    label=f"{metric} after the last edit: {final:.3f}")
+    ax.set(xlabel="number of edits", ylabel="score", ylim=(-0.02, 1.02), title=title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    written.append(_save(fig, run_dir / "metrics.png"))
+
+    general = (summary.get("general") or {}).get("curve") or []
+    if general:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        tasks = [k for k in general[0] if k != "edits"]
+        for task in tasks:
+            points = [(g["edits"], g[task]) for g in general if task in g]
+            ax.plot(*zip(*points), marker="o", ms=3, label=task)
+        ax.set(xlabel="number of edits", ylabel="score", ylim=(-0.02, 1.02), title=f"general abilities · {title}")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        written.append(_save(fig, run_dir / "general.png"))
+
+    series = _stability_series(records, (summary.get("stability") or {}).get("original") or {})
+    if series:
+        fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+        for ax, (key, name, log) in zip(axes.flat, STABILITY_PANELS):
+            for module, points in sorted(series.items(), key=lambda kv: _layer_order(kv[0])):
+                xs = [e for e, s in points if key in s and math.isfinite(s[key])]
+                ys = [s[key] for e, s in points if key in s and math.isfinite(s[key])]
+                ax.plot(xs, ys, lw=1.2, label=layer_label(module))
+            ax.set(xlabel="number of edits", ylabel=name)
+            if log:
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+        axes.flat[0].legend(fontsize=7, ncol=2)
+        fig.suptitle(f"numerical stability of the edited layers · {title}", fontsize=10)
+        written.append(_save(fig, run_dir / "stability.png"))
+
+    diagnostics = [(r["edits"], layer, values) for r in records
+                   for layer, values in ((r.get("method") or {}).get("per_layer") or {}).items()]
+    if any("rho" in v for _, _, v in diagnostics):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for ax, key in zip(axes, ("rho", "fit_error")):
+            for layer in sorted({l for _, l, _ in diagnostics}, key=int):
+                points = [(e, v[key]) for e, l, v in diagnostics if l == layer and key in v]
+                if points:
+                    ax.scatter(*zip(*points), s=8, label=f"layer {layer}")
+            ax.set(xlabel="number of edits", ylabel=key)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7, ncol=2)
+        fig.suptitle(f"per-edit diagnostics · {title}", fontsize=10)
+        written.append(_save(fig, run_dir / "diagnostics.png"))
+    logger.info("plots written to %s: %s", run_dir, ", ".join(written))
+    return written
+
+
+# ------------------------------------------------------------------------------------------------- comparison
+def _worst_stability(records: Sequence[Mapping], original: Mapping[str, Mapping]) -> list[tuple[int, dict]]:
+    """Per stability record: the largest ratio to the original over the edited modules."""
+    out = [(0, {"norm": 1.0, "kappa": 1.0, "distance": 0.0})]
+    for record in records:
+        stats = record.get("stability") or {}
+        ratios = {"norm": [], "kappa": [], "distance": []}
+        for module, s in stats.items():
+            base = original.get(module)
+            if not base:
+                continue
+            ratios["norm"].append(s["frobenius"] / base["frobenius"])
+            ratios["kappa"].append(s["kappa"] / base["kappa"])
+            ratios["distance"].append(s.get("delta_frobenius", 0.0) / base["frobenius"])
+        if ratios["norm"]:
+            out.append((record["edits"], {k: max(v) for k, v in ratios.items()}))
+    return out
+
+
+def plot_compare(runs: Sequence[tuple[Sequence[Mapping], Mapping]], out_dir: str | Path) -> list[str]:
+    """Overlaid curves of several runs (``(records, summary)`` pairs) into ``out_dir``."""
+    out_dir = Path(out_dir)
+    written = []
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    for records, summary in runs:
+        curve = summary.get("curve") or []
+        for ax, metric in zip(axes, METRICS):
+            points = [(c["edits"], c[metric]) for c in curve if metric in c]
+            final = (summary.get("metrics") or {}).get(metric)
+            if final is not None:
+                points.append((summary["num_edits"], final))
+            if points:
+                ax.plot(*zip(*points), marker="o", ms=3, label=run_label(summary))
+    for ax, metric in zip(axes, METRICS):
+        ax.set(xlabel="number of edits", title=metric, ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("score")
+    axes[0].legend(fontsize=7)
+    written.append(_save(fig, out_dir / "compare_metrics.png"))
+
+    tasks = sorted({k for _, s in runs for g in ((s.get("general") or {}).get("curve") or []) for k in g
+                    if k != "edits"})
+    if tasks:
+        fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 3.6), squeeze=False)
+        for records, summary in runs:
+            curve = (summary.get("general") or {}).get("curve") or []
+            for ax, task in zip(axes[0], tasks):
+                points = [(g["edits"], g[task]) for g in curve if task in g]
+                if points:
+                    ax.plot(*zip(*points), marker="o", ms=3, label=run_label(summary))
+        for ax, task in zip(axes[0], tasks):
+            ax.set(xlabel="number of edits", title=task, ylim=(-0.02, 1.02))
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        written.append(_save(fig, out_dir / "compare_general.png"))
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = (("norm", "max ‖W‖_F / ‖W₀‖_F", False), ("kappa", "max κ₂(W) / κ₂(W₀)", True),
+              ("distance", "max ‖W − W₀‖_F / ‖W₀‖_F", False))
+    for records, summary in runs:
+        points = _worst_stability(records, (summary.get("stability") or {}).get("original") or {})
+        for ax, (key, _, _) in zip(axes, panels):
+            ax.plot([e for e, _ in points], [s[key] for _, s in points], lw=1.2, label=run_label(summary))
+    for ax, (_, name, log) in zip(axes, panels):
+        ax.set(xlabel="number of edits", title=name)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    written.append(_save(fig, out_dir / "compare_stability.png"))
+    return written

@@ -1,0 +1,254 @@
+"""Sequential-editing experiments: config tree, an end-to-end run, resume after SIGKILL, the comparison table."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CORPUS
+
+from mose_easyedit.data import load_counterfact
+from mose_easyedit.experiments import ExperimentError, build_hparams, compose_config, load_requests, run
+from mose_easyedit.experiments import checkpoint as ckpt
+from mose_easyedit.experiments.compare import compare, main as compare_main
+from mose_easyedit.experiments.stability import summarize_stability, weight_stability
+from mose_easyedit.modeling import read_weight
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_overrides(shared_data: Path, output_dir: Path) -> list[str]:
+    """2 single-sequential MOSE edits on the embedded model, fast settings (small statistics, few target steps,
+    two general tasks on 2 examples each), a curve point and a checkpoint after every edit."""
+    if not CORPUS.exists():
+        pytest.skip(f"corpus {CORPUS} is absent")
+    return [f"data_dir={shared_data}", "method=MOSE", "model=smollm2-135m", "data=counterfact", "num_edits=2",
+            "batch_size=1", "eval_every=1", "checkpoint_every=1", "general_tasks=[rte,sst2]",
+            "general_subset_size=2", "progress=false", f"+hparams_overrides.mom2_dataset={CORPUS}",
+            "+hparams_overrides.mom2_n_samples=20", "+hparams_overrides.v_num_grad_steps=4",
+            "+hparams_overrides.candidate_layers=[3,4,5]", f"output_dir={output_dir}"]
+
+
+def cli(args: list[str], **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "mose_easyedit.experiments", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def comparable(summary: dict) -> dict:
+    """A summary without what legitimately differs between two runs of one config (timings, the folder)."""
+    return {k: v for k, v in summary.items() if k not in ("time", "output_dir")}
+
+
+def records_without_timings(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in ckpt.read_jsonl(run_dir / "results.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def reference_run(shared_data, default_model, tmp_path_factory):
+    """An uninterrupted tiny run, in process; returns ``(run_dir, summary, seconds)``."""
+    run_dir = tmp_path_factory.mktemp("experiments") / "reference"
+    start = time.perf_counter()
+    summary = run(compose_config(tiny_overrides(shared_data, run_dir)))
+    return run_dir, summary, time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------------------- no model
+def test_config_overrides_and_hparams(shared_data, tmp_path):
+    cfg = compose_config([f"data_dir={shared_data}", "model=llama3-8b", "data=zsre", "num_edits=20",
+                          "batch_size=10", "seed=3", "ablation=selected"])
+    assert cfg.output_dir == "runs/MOSE-llama3-8b-zsre-n20-b10-s3-ablation_selected"
+    assert cfg.model.name == "meta-llama/Meta-Llama-3-8B" and cfg.model.dtype == "bfloat16"
+    assert cfg.data.path == f"{shared_data}/zsre/ZsRE-test-all.json" and cfg.data.skip_invalid
+    assert compose_config([]).output_dir == "runs/MOSE-smollm2-135m-counterfact-n100-b1-s0"
+
+    base = [f"data_dir={shared_data}", "seed=3", "+hparams_overrides={mose_lambda: 10.0}"]
+    hp = build_hparams(compose_config(base))
+    assert (hp.mose_lambda, hp.seed, hp.undo_history, hp.layer_selection, hp.neighbours) == (10.0, 3, 0, True, 1)
+    hp = build_hparams(compose_config(base + ["ablation=selected"]))
+    assert hp.layer_selection and hp.neighbours == 0
+    hp = build_hparams(compose_config(base + ["ablation=selected_neighbours"]))
+    assert hp.layer_selection and hp.neighbours == 1
+    hp = build_hparams(compose_config(base + ["ablation=fixed", "ablation_layer=7"]))
+    assert not hp.layer_selection and hp.layers == [7]
+
+    with pytest.raises(ExperimentError, match="no_such_key"):
+        build_hparams(compose_config(base + ["+hparams_overrides.no_such_key=1"]))
+    with pytest.raises(ExperimentError, match="does not exist"):
+        build_hparams(compose_config(base + ["hparams_file=/nonexistent/hparams.yaml"]))
+    for bad, message in ((["num_edits=5", "batch_size=2"], "multiple"), (["method.name=NoSuchMethod"], "registered"),
+                         (["ablation=sideways"], "ablation")):
+        with pytest.raises(ExperimentError, match=message):
+            run(compose_config(base + bad + [f"output_dir={tmp_path}/never-written"]))
+    assert not (tmp_path / "never-written").exists()  # a bad config creates no run directory
+
+
+def test_requests_from_configured_data(shared_data, tmp_path):
+    cfg = compose_config([f"data_dir={shared_data}", "data=zsre", "num_edits=4"])
+    requests = load_requests(cfg)
+    assert len(requests) == 4 and all(r["subject"] in r["prompt"] for r in requests)
+    cfg = compose_config([f"data_dir={shared_data}", "num_edits=2", "data.start=5"])
+    assert load_requests(cfg) == load_counterfact(shared_data / "counterfact" / "counterfact-edit.json", 2, 5)
+
+    with pytest.raises(ExperimentError, match=r"data.path=/nonexistent/cf.json: no such file"):
+        load_requests(compose_config(["data.path=/nonexistent/cf.json"]))
+    broken = tmp_path / "broken.json"
+    broken.write_text("[{\"prompt\": ")
+    with pytest.raises(ExperimentError, match="not valid JSON"):
+        load_requests(compose_config([f"data.path={broken}"]))
+    with pytest.raises(ExperimentError, match="CounterFact format"):
+        load_requests(compose_config([f"data.path={shared_data}/zsre/ZsRE-test-all.json"]))
+    with pytest.raises(ExperimentError, match="only 10000 usable"):
+        load_requests(compose_config([f"data_dir={shared_data}", "num_edits=10001"]))
+    with pytest.raises(ExperimentError, match="no such file"):
+        load_requests(compose_config([f"data_dir={tmp_path}", "data=conceptedit", "num_edits=1"]))
+
+
+def test_malformed_data_path_on_the_command_line(tmp_path):
+    out = tmp_path / "run"
+    proc = cli(["data.path=/nonexistent/counterfact.json", "num_edits=2", f"output_dir={out}"])
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, output
+    assert "data.path=/nonexistent/counterfact.json: no such file" in output
+    assert "Traceback" not in output
+
+
+def test_stability_metrics(default_model):
+    model, _ = default_model
+    W = read_weight(model, "model.layers.4.mlp.down_proj").double()
+    gen = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(W.shape[0], W.shape[0], generator=gen, dtype=torch.float64))
+    before, rotated = weight_stability(W), weight_stability(Q @ W, W)
+    for key in ("frobenius", "sigma_max", "sigma_min", "kappa"):
+        assert rotated[key] == pytest.approx(before[key], rel=1e-9)
+    assert rotated["delta_frobenius"] == pytest.approx(float(torch.linalg.norm(Q @ W - W)), rel=1e-12)
+    u = torch.randn(W.shape[0], 1, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, W.shape[1], generator=gen, dtype=torch.float64)
+    added = weight_stability(W + 5 * u @ v, W)
+    assert added["frobenius"] > before["frobenius"] and added["kappa"] != pytest.approx(before["kappa"])
+    worst = summarize_stability({"m": before}, {"m": added})
+    assert worst["max_relative_norm_change"] > 0 and worst["modules"] == ["m"]
+    assert weight_stability(torch.eye(3), dtype="float32")["kappa"] == pytest.approx(1.0)
+
+
+def test_checkpoint_files(tmp_path):
+    ckpt.atomic_write_json(tmp_path / "a.json", {"x": 1})
+    assert ckpt.read_json(tmp_path / "a.json") == {"x": 1} and not (tmp_path / "a.json.tmp").exists()
+    (tmp_path / "r.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"ste')  # killed mid-append
+    assert ckpt.read_jsonl(tmp_path / "r.jsonl") == [{"step": 1}, {"step": 2}]
+    ckpt.set_seed(5)
+    state = ckpt.rng_state()
+    first = torch.rand(3)
+    ckpt.set_rng_state(state)
+    assert torch.equal(torch.rand(3), first)
+
+
+# ------------------------------------------------------------------------------------------------ with model
+@pytest.mark.slow
+def test_end_to_end_run_outputs(reference_run, shared_data):
+    run_dir, summary, _ = reference_run
+    for name in ("config.yaml", "hparams.yaml", "results.jsonl", "summary.json", "run.log", "metrics.png",
+                 "general.png", "stability.png", "diagnostics.png"):
+        assert (run_dir / name).is_file(), name
+    for name in ("metrics.png", "general.png", "stability.png"):
+        assert (run_dir / name).read_bytes()[:8] == PNG_MAGIC
+    assert not (run_dir / "checkpoint.pt").exists()  # removed once complete (keep_checkpoint=false)
+    assert ckpt.read_json(run_dir / "progress.json")["phase"] == "complete"
+    config = (run_dir / "config.yaml").read_text()
+    assert "num_edits: 2" in config and "v_num_grad_steps: 4" in config
+
+    records = ckpt.read_jsonl(run_dir / "results.jsonl")
+    assert [r["step"] for r in records] == [1, 2] and [r["edits"] for r in records] == [1, 2]
+    for record in records:
+        assert set(record["seconds"]) >= {"keys", "targets", "update", "edit", "evaluation", "stability"}
+        assert record["seconds"]["targets"] > 0 and record["seconds"]["edit"] >= record["seconds"]["update"]
+        assert set(record["modules"]) <= set(record["stability"])
+        assert len(record["retention"]) == 1 and record["retention"][0]["case_id"] == record["case_ids"][0]
+        assert record["curve"]["count"] == record["edits"]
+        assert record["method"]["per_layer"] and all("rho" in v and "fit_error" in v
+                                                     for v in record["method"]["per_layer"].values())
+        assert len(record["method"]["layers"]) == 3
+
+    assert summary == ckpt.read_json(run_dir / "summary.json")
+    assert summary["complete"] and summary["num_edits"] == 2 and summary["steps"] == 2
+    metrics = summary["metrics"]
+    assert metrics["count"] == 2
+    for key in ("reliability", "generalization", "locality"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["locality"] > 0.5
+    general = summary["general"]
+    assert set(general["before"]) == set(general["after"]) == {"rte", "sst2"}
+    assert [g["edits"] for g in general["curve"]] == [0, 2]
+    assert [c["edits"] for c in summary["curve"]] == [1, 2]
+    stability = summary["stability"]
+    assert stability["final"] and set(stability["final"]) == set(stability["original"])
+    assert stability["max_relative_norm_change"] < 1e-6  # MOSE rotates: ‖W‖_F and κ₂ stay put
+    assert stability["max_relative_kappa_change"] < 1e-5
+    assert stability["max_relative_distance"] > 0
+    assert summary["method_diagnostics"]["rho_mean"] > 0
+    timing = summary["time"]
+    assert timing["sec_per_edit"] == pytest.approx(sum(r["seconds"]["edit"] for r in records) / 2)
+    assert timing["sec_per_edit"] >= timing["keys_per_edit"] + timing["targets_per_edit"]
+
+    start = time.perf_counter()  # a complete run re-invoked returns its summary at once
+    again = run(compose_config(tiny_overrides(shared_data, run_dir)))
+    assert again == summary and time.perf_counter() - start < 10
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_matches_uninterrupted(reference_run, shared_data, tmp_path):
+    reference_dir, reference, _ = reference_run
+    run_dir = tmp_path / "killed"
+    args = tiny_overrides(shared_data, run_dir)
+    proc = cli(args)
+    progress = run_dir / "progress.json"
+    deadline = time.time() + 420
+    while time.time() < deadline:
+        if progress.exists() and ckpt.read_json(progress)["checkpoint_edits"] >= 1:
+            break
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("no checkpoint with an edit appeared in time")
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert (run_dir / "checkpoint.pt").exists() and not (run_dir / "summary.json").exists()
+
+    resumed = cli(args)
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output
+    assert "resumed" in output
+    summary = ckpt.read_json(run_dir / "summary.json")
+    assert summary["time"]["resumes"] == 1
+    assert comparable(summary)["metrics"] == comparable(reference)["metrics"]
+    assert comparable(summary) == comparable(reference)
+    assert records_without_timings(run_dir) == records_without_timings(reference_dir)
+
+
+@pytest.mark.slow
+def test_compare_writes_table_and_plots(reference_run, tmp_path):
+    run_dir, summary, _ = reference_run
+    out = tmp_path / "compare"
+    markdown = compare([run_dir], out)
+    assert (out / "comparison.md").read_text() == markdown
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert lines[0].split("|")[1:6] == [" Method ", " Model ", " Data ", " Edits ", " b "]
+    assert "Reliability" in lines[0] and "RTE" in lines[0] and "sec/edit" in lines[0]
+    assert lines[2].startswith("| (unedited) | smollm2-135m")
+    row = lines[3].split("|")
+    assert row[1].strip() == "MOSE" and float(row[6]) == pytest.approx(summary["metrics"]["reliability"], abs=1e-4)
+    assert json.loads((out / "comparison.json").read_text())[0]["method"] == "MOSE"
+    for name in ("compare_metrics.png", "compare_general.png", "compare_stability.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    assert compare_main([str(run_dir), "--out", str(tmp_path / "cli")]) == 0
+    assert compare_main([str(tmp_path), "--out", str(tmp_path / "bad")]) == 2
