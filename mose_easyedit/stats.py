@@ -158,6 +158,8 @@ def second_moments(model, tok, layers: Sequence[int], hparams) -> dict[int, torc
     """
     dtype = _DTYPES[hparams.mom2_dtype]
     corpus_id = corpus_identity(hparams.mom2_dataset)
+    if corpus_id == "generated":  # the sampled text depends on the seed
+        corpus_id = f"generated-s{hparams.seed}"
     memory = model_cache(model)
     result: dict[int, torch.Tensor] = {}
     missing: list[int] = []

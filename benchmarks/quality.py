@@ -1,0 +1,118 @@
+"""Quality and speed of MOSE against the six baselines, measured side by side in one run.
+
+Runs the sequential-editing experiment (``python -m mose_easyedit.experiments``) for every method on the same
+CounterFact cases, single-sequential (N edits of one fact) and batch-sequential (T steps of b facts), then writes
+
+    OUT/single/comparison.md, OUT/batch/comparison.md   Table-1-shaped metrics after the last edit + curves
+    OUT/report.md                                       both tables, the numerical-stability and speed table
+                                                        (‖W‖_F and κ₂ drift, seconds per edit by stage and the
+                                                        ratio to MEMIT), the machine and the command
+
+Every run is resumable: re-running the same command continues unfinished runs and skips finished ones.
+
+    python benchmarks/quality.py --out docs/benchmarks/smollm2            # N = 300, 10 x 30, all seven methods
+    python benchmarks/quality.py --single 4000 --batch 10x500 --model llama3-8b --jobs 1 --out runs/llama3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+METHODS = ["ROME", "MEMIT", "RECT", "EMMET", "PRUNE", "AlphaEdit", "MOSE"]
+logger = logging.getLogger("benchmarks.quality")
+
+
+def run_one(method: str, scenario: str, num_edits: int, batch: int, args, extra: list[str]) -> Path:
+    run_dir = args.out / "runs" / f"{method}-{scenario}"
+    command = [sys.executable, "-m", "mose_easyedit.experiments", f"method={method}", f"model={args.model}",
+               "data=counterfact", f"num_edits={num_edits}", f"batch_size={batch}", f"output_dir={run_dir}",
+               f"num_threads={args.threads}", f"general_subset_size={args.general_subset}",
+               f"eval_every={args.eval_every}", f"general_every={args.general_every}", "progress=false", *extra]
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("start %s %s: %s", method, scenario, " ".join(command[1:]))
+    start = time.perf_counter()
+    with open(run_dir.with_suffix(".log"), "a", encoding="utf-8") as log:
+        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
+    if code != 0:
+        raise RuntimeError(f"{method} {scenario} failed (exit {code}); see {run_dir.with_suffix('.log')}")
+    logger.info("done %s %s in %.0f s", method, scenario, time.perf_counter() - start)
+    return run_dir
+
+
+def stability_speed_table(summaries: list[dict]) -> str:
+    memit = next((s["time"]["sec_per_edit"] for s in summaries if s["method"] == "MEMIT"), None)
+    lines = ["| Method | max rel. ‖W‖_F change | max rel. κ₂ change | max ‖W − W₀‖_F/‖W₀‖_F | s/edit | × MEMIT | "
+             "keys s | targets s | update s |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        st, t = s["stability"], s["time"]
+        ratio = f"{t['sec_per_edit'] / memit:.2f}" if memit else "–"
+        lines.append(f"| {s['method']} | {st['max_relative_norm_change']:.2e} | {st['max_relative_kappa_change']:.2e} | "
+                     f"{st['max_relative_distance']:.3f} | {t['sec_per_edit']:.2f} | {ratio} | "
+                     f"{t['keys_per_edit']:.2f} | {t['targets_per_edit']:.2f} | {t['update_per_edit']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog="Arguments after -- are passed to every experiment as Hydra overrides.")
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--single", type=int, default=300, help="single-sequential edits (0 = skip)")
+    parser.add_argument("--batch", default="10x30", help="batch-sequential b x T ('0' = skip)")
+    parser.add_argument("--general-subset", type=int, default=50, help="examples per general task")
+    parser.add_argument("--general-every", type=int, default=0, help="general tasks every N edits (0: before/after)")
+    parser.add_argument("--eval-every", type=int, default=0, help="curve points every N edits (0: final only)")
+    parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)), help="runs in parallel")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--out", type=Path, default=Path("runs/benchmark"))
+    args, extra = parser.parse_known_args(argv)
+    extra = [e for e in extra if e != "--"]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    scenarios = []
+    if args.single:
+        scenarios.append(("single", args.single, 1))
+    if args.batch != "0":
+        b, steps = (int(x) for x in args.batch.lower().split("x"))
+        scenarios.append(("batch", b * steps, b))
+    started = time.perf_counter()
+    jobs = [(m, name, n, b) for name, n, b in scenarios for m in args.methods]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(run_one, m, name, n, b, args, extra) for m, name, n, b in jobs]
+        run_dirs = [f.result() for f in futures]
+    wall = time.perf_counter() - started
+
+    from mose_easyedit.experiments.compare import compare
+
+    sections = []
+    for name, n, b in scenarios:
+        dirs = [d for d, (_, s, _, _) in zip(run_dirs, jobs) if s == name]
+        table = compare(dirs, args.out / name)
+        summaries = [json.loads((d / "summary.json").read_text()) for d in dirs]
+        title = f"single-sequential, {n} edits" if b == 1 else f"batch-sequential, {n // b} steps of {b}"
+        sections.append(f"## {title}\n\nAfter the last edit (retention), EasyEdit's convention; general tasks on "
+                        f"{args.general_subset} examples each.\n\n{table}\n### Numerical stability and speed\n\n"
+                        f"{stability_speed_table(summaries)}\nCurves: `{name}/compare_*.png`.\n")
+    import torch
+
+    header = (f"# Benchmark: {', '.join(args.methods)} on {args.model}\n\n"
+              f"- command: `python benchmarks/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
+              f"- machine: {platform.machine()}, {os.cpu_count()} CPU core(s), {platform.platform()}; "
+              f"torch {torch.__version__}, {args.threads} thread(s) per run, {args.jobs} run(s) in parallel\n"
+              f"- wall time of this invocation: {wall / 60:.1f} min\n\n")
+    report = header + "\n".join(sections)
+    (args.out / "report.md").write_text(report, encoding="utf-8")
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
