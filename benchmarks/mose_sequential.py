@@ -81,12 +81,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
 
-    import json
-
     from mose_easyedit import MOSEHyperParams, load_default_model
+    from mose_easyedit.data import load_counterfact
 
-    with open(args.data / "counterfact" / "counterfact-edit.json", encoding="utf-8") as handle:
-        cases = json.load(handle)[args.start:args.start + args.n]
+    cases = load_counterfact(args.data / "counterfact" / "counterfact-edit.json", limit=args.n, start=args.start)
     model, tok = load_default_model()
     base = MOSEHyperParams.from_hparams(args.hparams)
     corpus = args.corpus or str(args.data / "text_corpus" / "wikitext-2-raw.test.raw")

@@ -5,8 +5,6 @@
 import argparse
 import logging
 
-import torch
-
 import mose_easyedit as me
 
 parser = argparse.ArgumentParser()

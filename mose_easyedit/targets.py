@@ -168,17 +168,15 @@ def optimize_targets(model, tok, requests: Sequence[EditRequest], layer: int, hp
         runner = _Runner(model, tok, pre_r + pre_k, suf_r + suf_k, columns)
         device = runner.ids.device
         # positions (row, column, token) of every target token in the rewriting rows
-        loss_rows, loss_cols, loss_tokens, loss_owner = [], [], [], []
+        loss_rows, loss_cols, loss_tokens = [], [], []
         for i, (row, cut) in enumerate(zip(rewrite, cut_r)):
             for t in range(row.target_start, len(row.ids)):
                 loss_rows.append(i)
                 loss_cols.append(t - 1 - cut)
                 loss_tokens.append(row.ids[t])
-                loss_owner.append(owner[i])
         loss_rows_t = torch.tensor(loss_rows, device=device)
         loss_cols_t = torch.tensor(loss_cols, device=device)
         loss_tokens_t = torch.tensor(loss_tokens, device=device)
-        loss_owner_t = torch.tensor(loss_owner, device=device)
         target_len = torch.tensor([len(r.target_ids) for r in rewrite], device=device, dtype=torch.float32)
         prompts_per_request = torch.bincount(torch.tensor(owner, device=device), minlength=n).float()
         kl_rows = torch.arange(len(rewrite), len(rows), device=device)

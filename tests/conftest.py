@@ -105,3 +105,29 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 def assert_bit_identical(model, before: dict[str, torch.Tensor]) -> None:
     for name, p in model.named_parameters():
         assert torch.equal(p.detach(), before[name]), f"parameter {name} changed"
+
+
+REQUESTS = [
+    {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux", "target_new": "English"},
+    {"prompt": "The Eiffel Tower is located in", "subject": "Eiffel Tower", "target_new": "Rome"},
+]
+
+
+def target_logprob(model, tok, prompt: str, target: str) -> float:
+    """log P(target | prompt), teacher-forced, tokenised as one string as the core does."""
+    from mose_easyedit.tokens import encode, join_target
+
+    text, cut = join_target(prompt, target)
+    enc = encode(tok, text, None, cut)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([enc.ids])).logits[0].float()
+    logp = torch.log_softmax(logits, -1)
+    return float(sum(logp[t - 1, enc.ids[t]] for t in range(enc.target_start, len(enc.ids))))
+
+
+def embedded_hparams(cls, shared_data: Path):
+    """The shipped SmolLM2 hyperparameters of ``cls``, with statistics from the shared WikiText (fast)."""
+    hp = cls.from_hparams("smollm2-135m")
+    hp.mom2_dataset = str(shared_data / "text_corpus" / "wikitext-2-raw.test.raw")
+    hp.mom2_n_samples = 200
+    return hp

@@ -184,3 +184,19 @@ def test_generated_corpus_needs_no_files(tokenizer, tmp_path, monkeypatch):
     C = second_moments(model, tokenizer, [2], hp)[2]
     assert C.shape == (128, 128) and torch.isfinite(C).all()
     assert list((tmp_path / "corpora").glob("*.pt"))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_prefix_cache_gives_the_same_targets(tokenizer, family):
+    from mose_easyedit.targets import optimize_targets
+
+    model = build_tiny_model(family, len(tokenizer))
+    hp = tiny_hparams(MOSEHyperParams, family, v_num_grad_steps=5)
+    requests = validate_requests([REQUEST, {"prompt": "Paris is the capital of", "subject": "Paris",
+                                            "target_new": "Italy"}])
+    families = context_templates(model, tokenizer, [[6, 2]])
+    cached = optimize_targets(model, tokenizer, requests, 1, hp, families, use_prefix_cache=True)
+    full = optimize_targets(model, tokenizer, requests, 1, hp, families, use_prefix_cache=False)
+    torch.testing.assert_close(cached.init, full.init, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached.z, full.z, rtol=1e-4, atol=1e-4)
+    assert cached.steps == full.steps and float(cached.delta.norm()) > 0

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, assert_bit_identical, build_tiny_model, load_cases, snapshot, tiny_hparams
+from conftest import (FAMILIES, assert_bit_identical, build_tiny_model, embedded_hparams, load_cases, snapshot,
+                      tiny_hparams)
 
 import mose_easyedit as me
 from mose_easyedit.editor import EditContext
@@ -319,9 +320,7 @@ def test_embedded_model_counterfact_sequential(default_model, shared_data, name)
     (token accuracy 1) right after their own edit."""
     model, tok = default_model
     spec = METHODS[name]
-    hp = spec.hparams_cls.from_hparams("smollm2-135m")
-    hp.mom2_dataset = str(shared_data / "text_corpus" / "wikitext-2-raw.test.raw")
-    hp.mom2_n_samples = 200
+    hp = embedded_hparams(spec.hparams_cls, shared_data)
     cases = load_cases(10)
     original = snapshot(model)
     me.reset_session(model)

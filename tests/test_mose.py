@@ -3,28 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, assert_bit_identical, build_tiny_model, load_cases, snapshot, tiny_hparams
+from conftest import (FAMILIES, REQUESTS, assert_bit_identical, build_tiny_model, embedded_hparams, load_cases,
+                      snapshot, target_logprob, tiny_hparams)
 
 import mose_easyedit as me
 from mose_easyedit.evaluation import token_accuracy
 from mose_easyedit.methods.mose import MOSE, MOSEHyperParams, apply_mose_to_model, undo_mose_edits
 from mose_easyedit.modeling import read_weight
 from mose_easyedit.session import get_session
-from mose_easyedit.tokens import encode, join_target
-
-REQUESTS = [
-    {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux", "target_new": "English"},
-    {"prompt": "The Eiffel Tower is located in", "subject": "Eiffel Tower", "target_new": "Rome"},
-]
-
-
-def target_logprob(model, tok, prompt: str, target: str) -> float:
-    text, cut = join_target(prompt, target)
-    enc = encode(tok, text, None, cut)
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([enc.ids])).logits[0].float()
-    logp = torch.log_softmax(logits, -1)
-    return float(sum(logp[t - 1, enc.ids[t]] for t in range(enc.target_start, len(enc.ids))))
 
 
 def spectrum(model, module: str) -> tuple[float, float]:
@@ -166,9 +152,7 @@ def test_copy_leaves_the_original_untouched(tokenizer):
 def test_embedded_model_ten_sequential_counterfact_edits(default_model, shared_data):
     """Done-means of the MOSE core: 10 CounterFact cases in sequence with the default yaml."""
     model, tok = default_model
-    hp = MOSEHyperParams.from_hparams("smollm2-135m")
-    hp.mom2_dataset = str(shared_data / "text_corpus" / "wikitext-2-raw.test.raw")
-    hp.mom2_n_samples = 200
+    hp = embedded_hparams(MOSEHyperParams, shared_data)
     cases = load_cases(10)
     original = snapshot(model)
     me.reset_session(model)

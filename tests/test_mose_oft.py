@@ -5,7 +5,8 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILIES, assert_bit_identical, build_tiny_model, load_cases, snapshot, tiny_hparams
+from conftest import (FAMILIES, REQUESTS, assert_bit_identical, build_tiny_model, load_cases, snapshot,
+                      target_logprob, tiny_hparams)
 
 import mose_easyedit as me
 from mose_easyedit.evaluation import token_accuracy
@@ -14,27 +15,13 @@ from mose_easyedit.methods import mose_oft
 from mose_easyedit.methods.mose_oft import MOSEOFT, MOSEOFTHyperParams, apply_mose_oft_to_model
 from mose_easyedit.modeling import read_weight
 from mose_easyedit.session import get_session
-from mose_easyedit.tokens import encode, join_target
 
-REQUESTS = [
-    {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux", "target_new": "English"},
-    {"prompt": "The Eiffel Tower is located in", "subject": "Eiffel Tower", "target_new": "Rome"},
-]
 # tiny widths (p = 128 or 256) make the authors' COFT radius (1e-5 · block²) nearly zero; train unconstrained
 TINY = dict(lr=1e-2, num_steps=12, coft=False)
 
 
 def oft_hparams(family: str, **overrides) -> MOSEOFTHyperParams:
     return tiny_hparams(MOSEOFTHyperParams, family, **{**TINY, **overrides})
-
-
-def target_logprob(model, tok, prompt: str, target: str) -> float:
-    text, cut = join_target(prompt, target)
-    enc = encode(tok, text, None, cut)
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([enc.ids])).logits[0].float()
-    logp = torch.log_softmax(logits, -1)
-    return float(sum(logp[t - 1, enc.ids[t]] for t in range(enc.target_start, len(enc.ids))))
 
 
 def assert_plain_model(model, reference_types: dict[str, str]) -> None:

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Optional
 
 import torch
 
 from ..editor import EditContext, LayerBatch, Method
 from ..hparams import LocateEditHyperParams
 from ..keys import model_cache
-from ..modeling import get_module, num_layers, read_weight, write_weight
+from ..modeling import num_layers, read_weight, write_weight
 from ..rules import (POLAR_METHODS, preservation_moment, procrustes_diagnostics, procrustes_rotation,
                      propagate_preservation_moment)
 from ..session import get_session
