@@ -157,19 +157,29 @@ def second_moments(model, tok, layers: Sequence[int], hparams) -> dict[int, torc
     model) and on disk.
     """
     dtype = _DTYPES[hparams.mom2_dtype]
+    memory = model_cache(model)
+
+    def memory_key(module: str) -> tuple:
+        return ("mom2", module, hparams.mom2_dataset, hparams.seed, hparams.mom2_n_samples,
+                hparams.mom2_sample_length, hparams.mom2_dtype)
+
+    result: dict[int, torch.Tensor] = {}
+    pending = []
+    for layer in dict.fromkeys(layers):
+        module = hparams.rewrite_module_tmp.format(layer)
+        if memory_key(module) in memory:
+            result[layer] = memory[memory_key(module)]
+        else:
+            pending.append(layer)
+    if not pending:  # the usual case on every edit after the first: no file is touched
+        return result
     corpus_id = corpus_identity(hparams.mom2_dataset)
     if corpus_id == "generated":  # the sampled text depends on the seed
         corpus_id = f"generated-s{hparams.seed}"
-    memory = model_cache(model)
-    result: dict[int, torch.Tensor] = {}
     missing: list[int] = []
-    for layer in dict.fromkeys(layers):
+    for layer in pending:
         module = hparams.rewrite_module_tmp.format(layer)
-        key = ("mom2", module, corpus_id, hparams.mom2_n_samples, hparams.mom2_sample_length, hparams.mom2_dtype)
         device = read_weight(model, module).device
-        if key in memory:
-            result[layer] = memory[key]
-            continue
         easyedit = _easyedit_path(model, module, hparams)
         disk = _cache_path(model, module, hparams, corpus_id)
         if easyedit is not None and easyedit.exists():
@@ -183,7 +193,7 @@ def second_moments(model, tok, layers: Sequence[int], hparams) -> dict[int, torc
         else:
             missing.append(layer)
             continue
-        memory[key] = result[layer] = value
+        memory[memory_key(module)] = result[layer] = value
     if missing:
         computed = _compute(model, tok, missing, hparams)
         for layer, (mean, count) in computed.items():
@@ -193,10 +203,8 @@ def second_moments(model, tok, layers: Sequence[int], hparams) -> dict[int, torc
             tmp = disk.with_suffix(".tmp")
             torch.save({"mean": mean.cpu(), "count": count, "corpus": hparams.mom2_dataset}, tmp)
             os.replace(tmp, disk)
-            key = ("mom2", module, corpus_id, hparams.mom2_n_samples, hparams.mom2_sample_length,
-                   hparams.mom2_dtype)
             value = mean.to(device=read_weight(model, module).device, dtype=dtype)
-            memory[key] = result[layer] = value
+            memory[memory_key(module)] = result[layer] = value
     return result
 
 
