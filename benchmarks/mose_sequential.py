@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -77,6 +78,8 @@ def main(argv=None) -> int:
     parser.add_argument("--hparams", default="smollm2-135m")
     parser.add_argument("--protect", choices=("on", "off", "both"), default="on")
     parser.add_argument("--lambda", dest="lam", type=float, nargs="*", default=None, help="λ values to sweep")
+    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=YAML",
+                        help="hparams overrides, e.g. --set v_lr=1.0 'context_template_length_params=[[10, 2]]'")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -87,17 +90,24 @@ def main(argv=None) -> int:
     cases = load_counterfact(args.data / "counterfact" / "counterfact-edit.json", limit=args.n, start=args.start)
     model, tok = load_default_model()
     base = MOSEHyperParams.from_hparams(args.hparams)
+    overrides = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
     corpus = args.corpus or str(args.data / "text_corpus" / "wikitext-2-raw.test.raw")
     rows = []
     for protect in ((True, False) if args.protect == "both" else (args.protect == "on",)):
         for lam in (args.lam or [base.mose_lambda]):
             hp = MOSEHyperParams.from_dict({**base.to_dict(), "mom2_dataset": corpus,
                                             "mom2_n_samples": args.mom2_n_samples, "protect_edits": protect,
-                                            "mose_lambda": lam})
+                                            "mose_lambda": lam, **overrides})
             result = run(model, tok, cases, hp)
             rows.append((protect, lam, result))
     print(f"MOSE single-sequential, {args.n} CounterFact edits from case {args.start}, SmolLM2-135M, "
-          f"{torch.get_num_threads()} thread(s), torch {torch.__version__}")
+          f"{torch.get_num_threads()} thread(s), torch {torch.__version__}"
+          + (f", overrides {overrides}" if overrides else ""))
     print("| protect | λ | retained after last edit | reliability | generalization | locality | median s/edit | "
           "keys s | targets s | update s | max ‖W‖ drift | max κ₂ drift |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

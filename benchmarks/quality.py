@@ -32,10 +32,15 @@ logger = logging.getLogger("benchmarks.quality")
 
 def run_one(method: str, scenario: str, num_edits: int, batch: int, args, extra: list[str]) -> Path:
     run_dir = args.out / "runs" / f"{method}-{scenario}"
+    steps = num_edits // batch
+    # curve points: metrics every eval_every edits, norms / κ₂ every stability_every steps
+    eval_every = args.eval_every if args.eval_every is not None else max(batch, num_edits // args.curve_points)
+    stability_every = max(1, steps // args.stability_points) if args.stability_points else 0
     command = [sys.executable, "-m", "mose_easyedit.experiments", f"method={method}", f"model={args.model}",
                "data=counterfact", f"num_edits={num_edits}", f"batch_size={batch}", f"output_dir={run_dir}",
                f"num_threads={args.threads}", f"general_subset_size={args.general_subset}",
-               f"eval_every={args.eval_every}", f"general_every={args.general_every}", "progress=false", *extra]
+               f"eval_every={eval_every}", f"general_every={args.general_every}",
+               f"stability_every={stability_every}", f"curve_facts={args.curve_facts}", "progress=false", *extra]
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     logger.info("start %s %s: %s", method, scenario, " ".join(command[1:]))
     start = time.perf_counter()
@@ -69,7 +74,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", default="10x30", help="batch-sequential b x T ('0' = skip)")
     parser.add_argument("--general-subset", type=int, default=50, help="examples per general task")
     parser.add_argument("--general-every", type=int, default=0, help="general tasks every N edits (0: before/after)")
-    parser.add_argument("--eval-every", type=int, default=0, help="curve points every N edits (0: final only)")
+    parser.add_argument("--curve-points", type=int, default=6,
+                        help="points of the reliability / generalization / locality curves per run")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="curve point every N edits (overrides --curve-points; 0: final only)")
+    parser.add_argument("--curve-facts", type=int, default=60, help="facts evaluated at each curve point")
+    parser.add_argument("--stability-points", type=int, default=30,
+                        help="points of the ‖W‖_F / κ₂ curves per run (0: only before and after)")
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)), help="runs in parallel")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark"))

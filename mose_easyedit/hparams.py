@@ -158,6 +158,8 @@ class LocateEditHyperParams(HyperParams):
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     target_early_stop: float = 5e-2
+    # What must fall below target_early_stop: "loss" (EasyEdit: NLL + KL + decay) or "nll" (the edit term alone).
+    early_stop_on: str = "loss"
     context_template_length_params: list[list[int]] = dataclasses.field(default_factory=lambda: [[10, 5]])
     # Covariance statistics of keys.
     mom2_adjustment: bool = True
@@ -178,6 +180,8 @@ class LocateEditHyperParams(HyperParams):
             raise ValueError(f"{source}: key 'layers' must list at least one layer")
         if self.fact_token != "subject_last":
             raise ValueError(f"{source}: key 'fact_token' supports only 'subject_last', got {self.fact_token!r}")
+        if self.early_stop_on not in ("loss", "nll"):
+            raise ValueError(f"{source}: key 'early_stop_on' must be 'loss' or 'nll', got {self.early_stop_on!r}")
         if self.mom2_dtype not in ("float32", "float64"):
             raise ValueError(f"{source}: key 'mom2_dtype' must be float32 or float64")
         for key in ("v_num_grad_steps", "mom2_n_samples", "mom2_sample_length", "chunk_size"):

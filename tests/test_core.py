@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CORPUS, build_tiny_model, tiny_hparams
+from conftest import CORPUS, FAMILIES, build_tiny_model, tiny_hparams
 
 from mose_easyedit.keys import bare_rows, context_templates, encode_rows, family_mean, trace_at_subject
 from mose_easyedit.methods.mose import MOSEHyperParams, layer_window
+from mose_easyedit.modeling import get_module
 from mose_easyedit.nethook import StopForward, Trace, TraceDict
 from mose_easyedit.requests import validate_requests
 from mose_easyedit.stats import second_moments
@@ -186,8 +187,10 @@ def test_generated_corpus_needs_no_files(tokenizer, tmp_path, monkeypatch):
     assert list((tmp_path / "corpora").glob("*.pt"))
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_prefix_cache_gives_the_same_targets(tokenizer, family):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_cache_and_layer_skip_give_the_same_targets(tokenizer, family):
+    """The fast path (prefix cache; on LLaMA/Qwen2 also starting each step above the edited block) optimises the
+    same δ as full forwards of every row."""
     from mose_easyedit.targets import optimize_targets
 
     model = build_tiny_model(family, len(tokenizer))
@@ -195,8 +198,57 @@ def test_prefix_cache_gives_the_same_targets(tokenizer, family):
     requests = validate_requests([REQUEST, {"prompt": "Paris is the capital of", "subject": "Paris",
                                             "target_new": "Italy"}])
     families = context_templates(model, tokenizer, [[6, 2]])
-    cached = optimize_targets(model, tokenizer, requests, 1, hp, families, use_prefix_cache=True)
-    full = optimize_targets(model, tokenizer, requests, 1, hp, families, use_prefix_cache=False)
-    torch.testing.assert_close(cached.init, full.init, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cached.z, full.z, rtol=1e-4, atol=1e-4)
-    assert cached.steps == full.steps and float(cached.delta.norm()) > 0
+    calls = []
+    with torch.no_grad():
+        handle = get_module(model, hp.layer_module_tmp.format(0)).register_forward_hook(lambda *a: calls.append(1))
+    try:
+        fast = optimize_targets(model, tokenizer, requests, 1, hp, families)
+    finally:
+        handle.remove()
+    full = optimize_targets(model, tokenizer, requests, 1, hp, families, use_prefix_cache=False,
+                            skip_lower_layers=False)
+    torch.testing.assert_close(fast.init, full.init, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.z, full.z, rtol=1e-4, atol=1e-4)
+    assert fast.steps == full.steps and float(fast.delta.norm()) > 0
+    # block 0 runs for the prefix cache and the δ = 0 pass only, then never again (LLaMA, Qwen2); GPT-2 adds
+    # position embeddings to its input, so it runs every block at every step
+    assert len(calls) == 2 if family != "gpt2" else len(calls) > 2 + fast.steps[0]
+
+
+def test_finished_requests_leave_the_batch_with_unchanged_targets(tokenizer):
+    """A request that meets the early stop leaves the batch; every request gets the δ it gets when optimised
+    alone (with early_stop_on='nll' the requests finish at different steps)."""
+    from mose_easyedit.targets import optimize_targets
+
+    model = build_tiny_model("llama", len(tokenizer))
+    # the random tiny model's target NLL starts near ln(vocab) ≈ 10.8 and falls slowly: a threshold of 9.2 is
+    # met after a few steps by two requests and never by the third
+    hp = tiny_hparams(MOSEHyperParams, "llama", v_num_grad_steps=25, v_lr=0.5, early_stop_on="nll",
+                      target_early_stop=9.2)
+    requests = validate_requests([REQUEST, {"prompt": "Paris is the capital of", "subject": "Paris",
+                                            "target_new": "Italy"},
+                                  {"prompt": "Apples are mostly", "subject": "Apples", "target_new": "blue"}])
+    families = context_templates(model, tokenizer, [[6, 2]])
+    batch = optimize_targets(model, tokenizer, requests, 1, hp, families)
+    assert len(set(batch.steps)) == 3, batch.steps  # they do finish at different steps
+    for j, request in enumerate(requests):
+        alone = optimize_targets(model, tokenizer, [request], 1, hp, families)
+        assert alone.steps == [batch.steps[j]]
+        torch.testing.assert_close(alone.z[:, 0], batch.z[:, j], rtol=1e-4, atol=1e-4)
+
+
+def test_early_stop_on_nll_stops_earlier_than_on_the_whole_loss(tokenizer):
+    from mose_easyedit.targets import optimize_targets
+
+    model = build_tiny_model("llama", len(tokenizer))
+    families = context_templates(model, tokenizer, [[6, 2]])
+    requests = validate_requests([{"prompt": "Paris is the capital of", "subject": "Paris", "target_new": "Italy"}])
+    steps = {}
+    for criterion in ("loss", "nll"):  # the KL term keeps the whole loss above the threshold longer
+        hp = tiny_hparams(MOSEHyperParams, "llama", v_num_grad_steps=25, v_lr=0.5, kl_factor=5.0,
+                          target_early_stop=9.5, early_stop_on=criterion)
+        result = optimize_targets(model, tokenizer, requests, 1, hp, families)
+        steps[criterion] = result.steps[0]
+    assert steps["nll"] < steps["loss"], steps
+    with pytest.raises(ValueError, match="early_stop_on"):
+        tiny_hparams(MOSEHyperParams, "llama", early_stop_on="kl")

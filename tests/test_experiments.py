@@ -252,3 +252,23 @@ def test_compare_writes_table_and_plots(reference_run, tmp_path):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     assert compare_main([str(run_dir), "--out", str(tmp_path / "cli")]) == 0
     assert compare_main([str(tmp_path), "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_general_scores_before_editing_are_shared_between_runs(reference_run, shared_data, tmp_path, monkeypatch):
+    """A second run on the same unedited weights, tasks and subset reads the "before" scores from the cache and
+    evaluates the general tasks only after editing; changing one weight changes the cache key."""
+    from mose_easyedit.experiments import runner
+
+    _, reference, _ = reference_run
+    calls = []
+    real = runner.evaluate_general
+    monkeypatch.setattr(runner, "evaluate_general", lambda *a, **k: calls.append(1) or real(*a, **k))
+    summary = run(compose_config(tiny_overrides(shared_data, tmp_path / "again")))
+    assert len(calls) == 1  # after the last edit only
+    assert summary["general"]["before"] == reference["general"]["before"]
+
+    model = torch.nn.Linear(3, 2)
+    before = runner.weights_digest(model)
+    with torch.no_grad():
+        model.weight[0, 0] += 1e-3
+    assert runner.weights_digest(model) != before

@@ -46,7 +46,8 @@ from ..hparams import HPARAMS_ROOT
 from ..keys import context_templates
 from ..methods import METHODS
 from ..methods.mose import layer_window
-from ..modeling import get_module, is_conv1d, load_default_model, num_layers, read_weight
+from ..modeling import (cache_dir, get_module, is_conv1d, load_default_model, model_identity, num_layers,
+                        read_weight)
 from ..session import SESSIONS_ATTRIBUTE
 from ..stats import second_moments
 from . import checkpoint as ckpt
@@ -64,7 +65,7 @@ LOADERS = {"counterfact": load_counterfact, "zsre": load_zsre, "conceptedit": lo
            "auto": load_dataset}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: Keys that may change between a run and its resumption without changing its results.
-RUNTIME_KEYS = ("num_threads", "checkpoint_every", "keep_checkpoint", "progress", "log_level", "output_dir",
+RUNTIME_KEYS = ("num_threads", "general_cache", "checkpoint_every", "keep_checkpoint", "progress", "log_level", "output_dir",
                 "data_dir", "data.path", "hparams_file")
 
 CONFIG_FILE, HPARAMS_FILE, RESULTS_FILE, SUMMARY_FILE = "config.yaml", "hparams.yaml", "results.jsonl", "summary.json"
@@ -302,6 +303,21 @@ def load_model(model_cfg: DictConfig):
     return model, tok
 
 
+def weights_digest(model) -> str:
+    """A digest of every parameter's value (float64 sum and norm, accumulated without copying the weights)."""
+    digest = hashlib.sha1()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            summary = (name, tuple(p.shape), float(p.sum(dtype=torch.float64)),
+                       float(torch.linalg.vector_norm(p, dtype=torch.float64)))
+            digest.update(repr(summary).encode())
+    return digest.hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:16]
+
+
 # ------------------------------------------------------------------------------------------------ JSON helpers
 def jsonable(value: Any) -> Any:
     """``value`` with tensors and NumPy scalars turned into Python numbers/lists; other objects dropped (None)."""
@@ -472,7 +488,7 @@ class SequentialRun:
             self.state["stability_original"][module] = weight_stability(weight, None, self.cfg.stability_dtype)
         if general_enabled(self.cfg):
             start = time.perf_counter()
-            self.state["general_before"] = self._general()
+            self.state["general_before"] = self._general_before()
             logger.info("general abilities before editing: %s (%.1f s)", self.state["general_before"],
                         time.perf_counter() - start)
         for stale in (RESULTS_FILE, FINAL_PARTIAL_FILE):  # left by an attempt killed before its first checkpoint
@@ -597,6 +613,27 @@ class SequentialRun:
         results = evaluate_requests(self.model, self.tok, chosen, self.reference, self.cfg.eval_batch_size,
                                     progress=False)
         return {"edits": edits, **summarize(results)}
+
+    def _general_before(self) -> dict[str, float]:
+        """The unedited model's general-task scores; with ``general_cache`` they are computed once per weights,
+        tasks, subset and data files and shared by every run on this machine (``$MOSE_EASYEDIT_CACHE/general``)."""
+        if not self.cfg.general_cache:
+            return self._general()
+        cfg = self.cfg
+        key = {"model": model_identity(self.model), "weights": weights_digest(self.model),
+               "tasks": list(cfg.general_tasks), "subset": cfg.general_subset_size, "seed": cfg.general_seed,
+               "batch": cfg.general_batch_size,
+               "files": {task: file_digest(task_file(task, cfg.data_dir)) for task in cfg.general_tasks}}
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        path = cache_dir() / "general" / f"{key['model']}-{digest}.json"
+        if path.exists():
+            scores = ckpt.read_json(path)["scores"]
+            logger.info("general abilities before editing read from %s", path)
+            return scores
+        scores = self._general()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_json(path, {"key": key, "scores": scores})
+        return scores
 
     def _general(self) -> dict[str, float]:
         cfg = self.cfg
