@@ -230,6 +230,22 @@ def test_memit_delta_satisfies_normal_equations():
     assert max_abs(left - residual.float().double() @ K32.T) < 1e-9 * max_abs(residual @ K.T)
 
 
+def test_cached_cholesky_factor_gives_the_same_memit_and_emmet_updates():
+    """The O(p²n) path with C's Cholesky factor solves the same equations as the direct solves."""
+    W, C, K, V = edit_problem(13)
+    residual = V - W @ K
+    factor = rules.cholesky_factor(C)
+    assert factor is not None and max_abs(factor @ factor.T - C) < 1e-10 * max_abs(C)
+    for lam in (0.5, 3.0, 2000.0):
+        direct = rules.memit_delta(residual, K, C, lam)
+        fast = rules.memit_delta(residual, K, C, lam, factor=factor)
+        assert max_abs(fast - direct) < 1e-9 * max_abs(direct)
+    direct = rules.emmet_delta(residual, K, C, ridge=0.1)
+    assert max_abs(rules.emmet_delta(residual, K, C, ridge=0.1, factor=factor) - direct) < 1e-9 * max_abs(direct)
+    # a matrix that is not positive definite has no factor: the rules then take the direct solve
+    assert rules.cholesky_factor(-C) is None
+
+
 def test_memit_validation():
     W, C, K, V = edit_problem(10)
     with pytest.raises(ValueError, match="lam"):

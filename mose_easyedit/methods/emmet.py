@@ -18,7 +18,7 @@ import torch
 from ..editor import EditContext, LayerBatch
 from ..hparams import LocateEditHyperParams
 from ..rules import emmet_delta
-from .memit import MEMIT, covariance, record_update
+from .memit import MEMIT, covariance, covariance_factor, record_update
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -43,7 +43,8 @@ class EMMET(MEMIT):
 
     def rule(self, ctx: EditContext, batch: LayerBatch) -> torch.Tensor:
         C = covariance(ctx, batch)
-        delta = emmet_delta(batch.residual.to(C.device), batch.K.to(C.device), C, ctx.hparams.emmet_ridge)
+        delta = emmet_delta(batch.residual.to(C.device), batch.K.to(C.device), C, ctx.hparams.emmet_ridge,
+                            factor=covariance_factor(ctx, batch, C))
         record_update(ctx, batch, delta)
         return batch.W + delta
 

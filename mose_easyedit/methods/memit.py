@@ -16,7 +16,8 @@ import torch
 
 from ..editor import EditContext, LayerBatch, Method
 from ..hparams import LocateEditHyperParams
-from ..rules import memit_delta
+from ..keys import model_cache
+from ..rules import cholesky_factor, memit_delta
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -39,6 +40,17 @@ def require_update_weight(hparams: LocateEditHyperParams, source: str) -> None:
 def covariance(ctx: EditContext, batch: LayerBatch) -> torch.Tensor:
     """C of the batch's layer, on the weight's device (cached: the window was gathered in one pass)."""
     return ctx.second_moments([batch.layer])[batch.layer].to(batch.W.device)
+
+
+def covariance_factor(ctx: EditContext, batch: LayerBatch, C: torch.Tensor) -> torch.Tensor | None:
+    """C's Cholesky factor, computed once per statistics tensor and kept in the model's cache (None when C is
+    not positive definite: the rules then solve with C directly)."""
+    cache = model_cache(ctx.model)
+    key = ("covariance_cholesky", batch.module)
+    hit = cache.get(key)
+    if hit is None or hit[0] is not C:
+        hit = cache[key] = (C, cholesky_factor(C))
+    return hit[1]
 
 
 def record_update(ctx: EditContext, batch: LayerBatch, delta: torch.Tensor, **extra) -> None:
@@ -70,7 +82,8 @@ class MEMIT(Method):
     def rule(self, ctx: EditContext, batch: LayerBatch) -> torch.Tensor:
         C = covariance(ctx, batch)
         lam = ctx.hparams.mom2_update_weight
-        delta = memit_delta(batch.residual.to(C.device), batch.K.to(C.device), C, lam)
+        delta = memit_delta(batch.residual.to(C.device), batch.K.to(C.device), C, lam,
+                            factor=covariance_factor(ctx, batch, C))
         record_update(ctx, batch, delta)
         return batch.W + delta
 

@@ -14,7 +14,7 @@ import torch
 from ..editor import EditContext, LayerBatch
 from ..hparams import LocateEditHyperParams
 from ..rules import memit_delta, rect_kept_count, rect_sparsify
-from .memit import MEMIT, covariance, record_update, require_update_weight
+from .memit import MEMIT, covariance, covariance_factor, record_update, require_update_weight
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -41,7 +41,8 @@ class RECT(MEMIT):
     def rule(self, ctx: EditContext, batch: LayerBatch) -> torch.Tensor:
         hp = ctx.hparams
         C = covariance(ctx, batch)
-        dense = memit_delta(batch.residual.to(C.device), batch.K.to(C.device), C, hp.mom2_update_weight)
+        dense = memit_delta(batch.residual.to(C.device), batch.K.to(C.device), C, hp.mom2_update_weight,
+                            factor=covariance_factor(ctx, batch, C))
         delta = rect_sparsify(dense, batch.W, hp.keep_fraction)
         dense_norm = float(dense.norm())
         record_update(ctx, batch, delta,
