@@ -126,7 +126,8 @@ def main(argv=None) -> int:
         if not dirs:
             sections.append(f"## {title}\n\nNo run complete.\n")
             continue
-        table = compare(dirs, args.out / name)
+        table = "\n".join(line for line in compare(dirs, args.out / name).splitlines()
+                          if not line.startswith("# "))  # compare's own title
         summaries = [json.loads((d / "summary.json").read_text()) for d in dirs]
         medians = [median_seconds_per_edit(d) for d in dirs]
         note = f"Not complete (not in the tables): {', '.join(missing)}.\n\n" if missing else ""
@@ -142,6 +143,7 @@ def main(argv=None) -> int:
               + ("- report written from the complete runs (--report-only)\n\n" if args.report_only else
                  f"- wall time of this invocation: {wall / 60:.1f} min\n\n"))
     report = header + "\n".join(sections)
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.md").write_text(report, encoding="utf-8")
     print(report)
     return 0
