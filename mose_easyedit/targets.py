@@ -100,13 +100,22 @@ def _split(rows: Sequence[Encoded], use_cache: bool, is_kl: bool):
 SKIPPABLE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
+def _plain_head(model) -> bool:
+    """True when the logits are the output embedding of the base model's last hidden state (no soft-capping)."""
+    return (model.get_output_embeddings() is not None
+            and getattr(model.config, "final_logit_softcapping", None) is None)
+
+
+def _base(model):
+    """The model without its output head (``model.model`` for LLaMA, ``model.transformer`` for GPT-2)."""
+    return getattr(model, getattr(model, "base_model_prefix", ""), model)
+
+
 def _upper_blocks(model, layer_name: str, layer: int):
     """``(base, blocks)`` when a forward can start above block ``layer`` of this model, else None."""
-    if getattr(model.config, "model_type", None) not in SKIPPABLE_FAMILIES:
+    if getattr(model.config, "model_type", None) not in SKIPPABLE_FAMILIES or not _plain_head(model):
         return None
-    if getattr(model.config, "final_logit_softcapping", None) is not None or model.get_output_embeddings() is None:
-        return None
-    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    base = _base(model)
     blocks = getattr(base, "layers", None)
     if not isinstance(blocks, torch.nn.ModuleList) or not 0 <= layer < len(blocks):
         return None
@@ -132,8 +141,7 @@ class _Runner:
                     pre_mask[i] = 0
             pre_pos = (pre_mask.cumsum(1) - 1).clamp(min=0)
             with torch.no_grad():  # the base model: the prefix needs its cache, not its logits
-                base = getattr(model, model.base_model_prefix, model)
-                out = base(input_ids=pre_ids, attention_mask=pre_mask, position_ids=pre_pos, use_cache=True)
+                out = _base(model)(input_ids=pre_ids, attention_mask=pre_mask, position_ids=pre_pos, use_cache=True)
             self.cache = out.past_key_values
             prefix_mask, prefix_len = pre_mask, pre_mask.sum(1)
         else:
@@ -198,15 +206,10 @@ class _Runner:
             return hidden
 
         with Trace(self.model, self.layer_name, edit_output=edit):
-            if self.upper is not None or self._plain_head():
-                base = getattr(self.model, self.model.base_model_prefix)
-                return self._head(base(input_ids=self.ids, **kwargs).last_hidden_state, rows, columns)
+            if _plain_head(self.model):
+                return self._head(_base(self.model)(input_ids=self.ids, **kwargs).last_hidden_state, rows, columns)
             logits = self.model(input_ids=self.ids, **kwargs).logits
         return logits[rows.to(logits.device), columns.to(logits.device)].to(self.ids.device)
-
-    def _plain_head(self) -> bool:
-        return (self.model.get_output_embeddings() is not None
-                and getattr(self.model.config, "final_logit_softcapping", None) is None)
 
     def _head(self, hidden: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
         head = self.model.get_output_embeddings()
