@@ -53,6 +53,12 @@ def run_one(method: str, scenario: str, num_edits: int, batch: int, args, extra:
     return run_dir
 
 
+def one_fact_at_a_time(method: str) -> bool:
+    from mose_easyedit.methods import METHODS as REGISTERED
+
+    return REGISTERED[method].one_fact_at_a_time if method in REGISTERED else False
+
+
 def median_seconds_per_edit(run_dir: Path) -> float:
     """Median over edit calls of the call's seconds divided by the facts it edited."""
     records = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines() if line.strip()]
@@ -107,12 +113,18 @@ def main(argv=None) -> int:
         scenarios.append(("batch", b * steps, b))
     started = time.perf_counter()
     jobs = [(m, name, n, b) for name, n, b in scenarios for m in args.methods]
+    # a method that edits the facts of a call one after another makes the same edits in both scenarios: its
+    # batch run would repeat its single run, so the single run stands for both
+    reused = {(m, "batch"): args.out / "runs" / f"{m}-single" for m in args.methods
+              if one_fact_at_a_time(m) and args.single and len(scenarios) == 2 and scenarios[1][1] == args.single}
+    runs = [job for job in jobs if job[:2] not in reused]
     if args.report_only:
-        run_dirs = [args.out / "runs" / f"{m}-{name}" for m, name, _, _ in jobs]
+        done = {job[:2]: args.out / "runs" / f"{job[0]}-{job[1]}" for job in runs}
     else:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            futures = [pool.submit(run_one, m, name, n, b, args, extra) for m, name, n, b in jobs]
-            run_dirs = [f.result() for f in futures]
+            futures = {job[:2]: pool.submit(run_one, *job, args, extra) for job in runs}
+            done = {key: future.result() for key, future in futures.items()}
+    run_dirs = [done.get(job[:2]) or reused[job[:2]] for job in jobs]
     wall = time.perf_counter() - started
 
     from mose_easyedit.experiments.compare import compare
@@ -131,6 +143,10 @@ def main(argv=None) -> int:
         summaries = [json.loads((d / "summary.json").read_text()) for d in dirs]
         medians = [median_seconds_per_edit(d) for d in dirs]
         note = f"Not complete (not in the tables): {', '.join(missing)}.\n\n" if missing else ""
+        same = [m for (m, s), _ in reused.items() if s == name]
+        if same:
+            note += (f"{', '.join(same)} edits the facts of a call one after another, so its batch-sequential run "
+                     f"makes exactly the edits of its single-sequential run: its row here is that run (b = 1).\n\n")
         sections.append(f"## {title}\n\n{note}After the last edit (retention), EasyEdit's convention; general "
                         f"tasks on {args.general_subset} examples each.\n\n{table}\n### Numerical stability and "
                         f"speed\n\n{stability_speed_table(summaries, medians)}\nCurves: `{name}/compare_*.png`.\n")

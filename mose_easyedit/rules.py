@@ -471,6 +471,65 @@ def alphaedit_grow_moment(prior_moment: torch.Tensor, K: torch.Tensor) -> torch.
     return _float64(prior_moment) + K @ K.T
 
 
+
+def alphaedit_inverse(prior_moment: torch.Tensor, P: torch.Tensor, l2: float) -> torch.Tensor:
+    """A⁻¹ = (K_p K_pᵀ P + l2·I)⁻¹ (p×p, float64): the start of AlphaEdit's carried inverse (an inverse of the
+    identity-shifted product of two PSD matrices, whose eigenvalues are real and ≥ l2)."""
+    prior_moment = _check_tensor("prior_moment", prior_moment, 2)
+    P = _check_tensor("P", P, 2)
+    _same_device(prior_moment=prior_moment, P=P)
+    _check_square("P", P)
+    _check_shape("prior_moment", prior_moment, tuple(P.shape), "p×p accumulated K_p K_pᵀ")
+    l2 = _check_positive("l2", l2)
+    A = _float64(prior_moment) @ _float64(P)
+    A.diagonal().add_(l2)
+    return torch.linalg.inv(A)
+
+
+def alphaedit_carried_delta(Rsd: torch.Tensor, K: torch.Tensor, P: torch.Tensor,
+                            inverse: torch.Tensor) -> torch.Tensor:
+    """AlphaEdit's ΔW (the value of :func:`alphaedit_delta`) from the carried A⁻¹ (:func:`alphaedit_inverse`),
+    in O(p²n) instead of a p×p product and solve: with G = KᵀP and B = G A⁻¹,
+
+        ΔW = Rsd G (A + K G)⁻¹ = Rsd (I_n + B K)⁻¹ B            (push-through identity), float64.
+    """
+    Rsd = _check_tensor("Rsd", Rsd, 2)
+    K = _check_tensor("K", K, 2)
+    P = _check_tensor("P", P, 2)
+    inverse = _check_tensor("inverse", inverse, 2)
+    _same_device(Rsd=Rsd, K=K, P=P, inverse=inverse)
+    if Rsd.shape[1] != K.shape[1]:
+        raise ValueError(f"Rsd (d×n) and K (p×n) must have the same number of columns n, got "
+                         f"Rsd {tuple(Rsd.shape)} and K {tuple(K.shape)}")
+    in_dim = K.shape[0]
+    _check_shape("P", P, (in_dim, in_dim), "p×p null-space projector, p = K.shape[0]")
+    _check_shape("inverse", inverse, (in_dim, in_dim), "p×p carried (K_p K_pᵀ P + l2·I)⁻¹")
+    K = _float64(K)
+    B = (K.T @ _float64(P)) @ _float64(inverse)
+    small = B @ K
+    small.diagonal().add_(1.0)
+    return _float64(Rsd) @ torch.linalg.solve(small, B)
+
+
+def alphaedit_grow_inverse(inverse: torch.Tensor, K: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+    """The carried inverse after a batch, (A + K KᵀP)⁻¹ from A⁻¹ by the Woodbury identity in O(p²n), float64:
+
+        (A + K G)⁻¹ = A⁻¹ − A⁻¹K (I_n + G A⁻¹ K)⁻¹ G A⁻¹,   G = KᵀP.
+    """
+    inverse = _check_tensor("inverse", inverse, 2)
+    K = _check_tensor("K", K, 2)
+    P = _check_tensor("P", P, 2)
+    _same_device(inverse=inverse, K=K, P=P)
+    in_dim = K.shape[0]
+    _check_shape("P", P, (in_dim, in_dim), "p×p null-space projector, p = K.shape[0]")
+    _check_shape("inverse", inverse, (in_dim, in_dim), "p×p carried (K_p K_pᵀ P + l2·I)⁻¹")
+    inverse, K = _float64(inverse), _float64(K)
+    right = (K.T @ _float64(P)) @ inverse       # G A⁻¹ (n×p)
+    left = inverse @ K                          # A⁻¹ K (p×n)
+    small = right @ K
+    small.diagonal().add_(1.0)
+    return inverse - left @ torch.linalg.solve(small, right)
+
 # ----------------------------------------------------------------------------------------------------------
 # 7. RECT
 # ----------------------------------------------------------------------------------------------------------
@@ -510,21 +569,31 @@ def prune_restrain(delta_total: torch.Tensor, sigma_max_w0: float,
                    log: Callable[[float], float] = math.log) -> torch.Tensor:
     """PRUNE: restrain the accumulated ΔW = W_n − W_0 by F applied to its singular values.
 
-    ΔW = U Σ Vᵀ (thin SVD, float64), σ̄ = ``sigma_max_w0`` = σ_max(W_0) > 0;
+    ΔW = U Σ Vᵀ, σ̄ = ``sigma_max_w0`` = σ_max(W_0) > 0;
     F(σ) = log(σ) − log(σ̄) + σ̄ for σ ≥ σ̄, F(σ) = σ otherwise; returns U diag(F(σ)) Vᵀ (float64).
     ``log`` is applied to Python floats (natural log by default). F is continuous and F(σ) ≤ σ.
+
+    Only the singular pairs with σ ≥ σ̄ change, so no SVD is needed: from the eigen-decomposition of the smaller
+    Gram matrix (ΔW ΔWᵀ = U Σ² Uᵀ when d ≤ p), U diag(F(σ)) Vᵀ = ΔW + U_L diag(F(σ_L)/σ_L − 1) U_Lᵀ ΔW over the
+    large pairs L (the pairs at or above σ̄ are the well-separated top of the spectrum, where the Gram matrix
+    loses no accuracy).
     """
-    delta_total = _check_tensor("delta_total", delta_total, 2)
+    delta_total = _float64(_check_tensor("delta_total", delta_total, 2))
     threshold = _check_positive("sigma_max_w0", sigma_max_w0)
-    left, singular_values, right_t = torch.linalg.svd(_float64(delta_total), full_matrices=False)
-    restrained = singular_values.clone()
-    large = singular_values >= threshold
-    if bool(large.any()):
-        log_threshold = float(log(threshold))
-        new_values = [float(log(value)) - log_threshold + threshold
-                      for value in singular_values[large].tolist()]
-        restrained[large] = torch.tensor(new_values, dtype=torch.float64, device=restrained.device)
-    return (left * restrained) @ right_t
+    wide = delta_total.shape[0] <= delta_total.shape[1]
+    gram = delta_total @ delta_total.T if wide else delta_total.T @ delta_total
+    eigenvalues, vectors = torch.linalg.eigh(gram)
+    sigmas = eigenvalues.clamp(min=0).sqrt()
+    large = sigmas >= threshold
+    if not bool(large.any()):
+        return delta_total.clone()
+    log_threshold = float(log(threshold))
+    scale = torch.tensor([(float(log(value)) - log_threshold + threshold) / value - 1.0
+                          for value in sigmas[large].tolist()], dtype=torch.float64, device=sigmas.device)
+    basis = vectors[:, large]
+    if wide:
+        return delta_total + (basis * scale) @ (basis.T @ delta_total)
+    return delta_total + (delta_total @ basis) @ (basis * scale).T
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -571,6 +640,9 @@ __all__ = [
     "null_space_projector",
     "alphaedit_delta",
     "alphaedit_grow_moment",
+    "alphaedit_inverse",
+    "alphaedit_carried_delta",
+    "alphaedit_grow_inverse",
     "rect_kept_count",
     "rect_sparsify",
     "prune_restrain",

@@ -242,19 +242,20 @@ def optimize_targets(model, tok, requests: Sequence[EditRequest], layer: int, hp
         full_layout = _Layout(list(range(n)), row_owner, loss_entries, kl_entries, target_len, device)
         bare_rows = torch.tensor([j * len(prefixes) for j in range(n)], device=device)
 
-        # δ = 0 pass: h (block output), the module output (for ROME's clamp), the original KL distribution.
+        # The δ = 0 pass through the whole model is also the first step's forward: it gives h (the block output),
+        # the module output (for ROME's clamp), the original KL distribution and the first loss.
+        delta = torch.zeros((n, model.config.hidden_size), device=device, requires_grad=True)
         capture: dict = {}
-        with Trace(model, module_name, retain_output=True) as module_trace, torch.no_grad():
-            logits = full.logits(None, full_layout.rows, full_layout.columns, capture)
+        with Trace(model, module_name, retain_output=True) as module_trace:
+            first_logits = full.logits(delta[full_layout.owner], full_layout.rows, full_layout.columns, capture)
         init = capture["hidden"][bare_rows].float()
         out = module_trace.output
         module_output = out[full.rows.to(out.device), full.columns.to(out.device)].to(device)[bare_rows].float()
-        kl_reference = F.log_softmax(logits[full_layout.n_loss:].float(), dim=-1)
+        kl_reference = F.log_softmax(first_logits[full_layout.n_loss:].detach().float(), dim=-1)
         reference = module_output if clamp_reference == "module_output" else init
         max_norm = hparams.clamp_norm_factor * reference.norm(dim=1)
         stop_on_nll = getattr(hparams, "early_stop_on", "loss") == "nll"
 
-        delta = torch.zeros_like(init, requires_grad=True)
         optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
         done = torch.zeros(n, dtype=torch.bool, device=device)
         steps = torch.zeros(n, dtype=torch.long)
@@ -265,7 +266,7 @@ def optimize_targets(model, tok, requests: Sequence[EditRequest], layer: int, hp
             if len(active) < len(layout.requests):  # finished requests leave the batch
                 layout = _Layout(active.tolist(), row_owner, loss_entries, kl_entries, target_len, device)
                 runner = full.subset(layout.row_ids)
-            logits = runner.logits(delta[layout.owner], layout.rows, layout.columns)
+            logits = first_logits if step == 0 else runner.logits(delta[layout.owner], layout.rows, layout.columns)
             nll, kl = layout.loss_terms(logits, kl_reference)
             decay = hparams.v_weight_decay * delta[active].norm(dim=1) / init[active].norm(dim=1) ** 2
             loss = nll + hparams.kl_factor * kl + decay
@@ -284,7 +285,7 @@ def optimize_targets(model, tok, requests: Sequence[EditRequest], layer: int, hp
                 norms = delta.norm(dim=1)
                 scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
                 delta.mul_(scale[:, None])
-        del runner, full
+        del runner, full, first_logits
     z = (init + delta.detach()).float()
     logger.debug("targets at layer %d: loss %s after %s steps", layer, losses.tolist(), steps.tolist())
     return TargetResult(layer, z.T.contiguous(), init.T.contiguous(), module_output.T.contiguous(),

@@ -21,14 +21,16 @@ import mose_easyedit as me
 from mose_easyedit.editor import EditContext
 from mose_easyedit.evaluation import target_nll, token_accuracy
 from mose_easyedit.methods import METHODS
-from mose_easyedit.methods.alphaedit import ALPHAEDIT_METHOD, MOMENT_STATE
+from mose_easyedit.methods.alphaedit import ALPHAEDIT_METHOD, INVERSE_CACHE, MOMENT_STATE, AlphaEdit, null_space
 from mose_easyedit.methods.emmet import EMMET_METHOD
 from mose_easyedit.methods.memit import MEMIT, MEMIT_METHOD
 from mose_easyedit.methods.prune import PRUNE, PRUNE_METHOD, TRACKED_STATE
 from mose_easyedit.methods.rect import RECT_METHOD
 from mose_easyedit.methods.rome import ROME_METHOD
 from mose_easyedit.requests import validate_requests
-from mose_easyedit.rules import null_space_projector, prune_restrain, rect_kept_count
+from mose_easyedit.keys import model_cache
+from mose_easyedit.rules import (alphaedit_delta, alphaedit_inverse, null_space_projector, prune_restrain,
+                                  rect_kept_count)
 from mose_easyedit.session import EditSession, get_session
 from mose_easyedit.stats import second_moments
 
@@ -213,6 +215,39 @@ def test_alphaedit_moment_grows_by_batch_keys_and_resets_with_a_new_run(tokenize
     assert get_session(model, "AlphaEdit").num_edits == 1
     assert_moment({layer: fresh[layer] @ fresh[layer].T for layer in hp.layers})
 
+
+
+def test_alphaedit_carried_inverse_edits_as_the_direct_solve(tokenizer, monkeypatch):
+    """Sequential AlphaEdit with the carried (Woodbury) inverse writes the weights of the p×p solve of every call,
+    and the carried inverse stays the inverse of the session's K_p K_pᵀ P + L2·I."""
+    model = build_tiny_model("llama", len(tokenizer))
+    hp = hparams("AlphaEdit", "llama")
+    direct = copy.deepcopy(model)
+    for request in REQUESTS:
+        ALPHAEDIT_METHOD.apply(model, tokenizer, [request], hp)
+    session = get_session(model, "AlphaEdit")
+    for layer in hp.layers:
+        module = hp.rewrite_module_tmp.format(layer)
+        prior, P, l2, inverse = model_cache(model)[(INVERSE_CACHE, module)]
+        assert prior is session.state[MOMENT_STATE][module]
+        expected = alphaedit_inverse(prior.double(), P, l2)  # the carried K_p K_pᵀ is rounded to mom2_dtype
+        assert float((inverse - expected).norm()) < 1e-5 * float(expected.norm())
+
+    def direct_rule(self, ctx, batch):
+        P, _ = null_space(ctx, batch.layer, batch.W.device)
+        prior = ctx.session.state.get(MOMENT_STATE, {}).get(batch.module)
+        prior = torch.zeros_like(P) if prior is None else prior
+        return batch.W + alphaedit_delta(batch.residual, batch.K, P, prior, ctx.hparams.L2,
+                                         compute_dtype=torch.float64)
+
+    monkeypatch.setattr(AlphaEdit, "rule", direct_rule)
+    for request in REQUESTS:
+        ALPHAEDIT_METHOD.apply(direct, tokenizer, [request], hp)
+    for layer in hp.layers:
+        name = hp.rewrite_module_tmp.format(layer) + ".weight"
+        carried, solved = model.get_parameter(name).detach(), direct.get_parameter(name).detach()
+        assert not torch.equal(carried, build_tiny_model("llama", len(tokenizer)).get_parameter(name))
+        assert torch.allclose(carried, solved, rtol=1e-5, atol=1e-5 * float(solved.abs().max()))
 
 def test_prune_model_holds_restrained_change_and_edits_continue_from_raw(tokenizer, monkeypatch):
     model = build_tiny_model("llama", len(tokenizer))

@@ -307,6 +307,28 @@ def test_alphaedit_delta_lies_in_projector_range():
         rules.alphaedit_delta(residual, K, P, prior[:-1], l2=1.0)
 
 
+
+def test_alphaedit_carried_inverse_matches_the_solve_over_a_sequence():
+    basis = random_orthogonal(IN_DIM, 40)
+    C = (basis * torch.logspace(-4, 1, IN_DIM, dtype=F64)) @ basis.T
+    P = rules.null_space_projector(C)
+    prior = torch.zeros(IN_DIM, IN_DIM, dtype=F64)
+    inverse = rules.alphaedit_inverse(prior, P, l2=10.0)
+    assert max_abs(inverse - identity(IN_DIM) / 10.0) < 1e-15
+    for step in range(12):
+        n = 1 + step % 3
+        K, residual = random_matrix(IN_DIM, n, 41 + step) * 4, random_matrix(OUT_DIM, n, 60 + step)
+        expected = rules.alphaedit_delta(residual, K, P, prior, l2=10.0, compute_dtype=F64)
+        carried = rules.alphaedit_carried_delta(residual, K, P, inverse)
+        assert max_abs(carried - expected) < 1e-10 * max_abs(expected)
+        grown = K + 0.1 * random_matrix(*K.shape, 80 + step)  # the keys recomputed after the edit
+        prior = rules.alphaedit_grow_moment(prior, grown)
+        inverse = rules.alphaedit_grow_inverse(inverse, grown, P)
+    direct = rules.alphaedit_inverse(prior, P, l2=10.0)
+    assert max_abs(inverse - direct) < 1e-10 * max_abs(direct)
+    with pytest.raises(ValueError, match="inverse"):
+        rules.alphaedit_carried_delta(residual, K, P, inverse[:-1])
+
 def test_alphaedit_grow_moment_adds_key_outer_products():
     prior = key_moment(IN_DIM, 17)
     K = random_matrix(IN_DIM, 4, 18)

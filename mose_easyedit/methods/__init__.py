@@ -22,19 +22,22 @@ class MethodSpec:
     name: str
     hparams_cls: type
     apply: Callable
+    # True when the facts of one call are edited one after another (ROME's n rank-one updates in order), so
+    # a batch-sequential run of b facts per call makes exactly the edits of the single-sequential run
+    one_fact_at_a_time: bool = False
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, hparams_cls: type, apply: Callable) -> MethodSpec:
-    spec = METHODS[name] = MethodSpec(name, hparams_cls, apply)
+def register_method(name: str, hparams_cls: type, apply: Callable, one_fact_at_a_time: bool = False) -> MethodSpec:
+    spec = METHODS[name] = MethodSpec(name, hparams_cls, apply, one_fact_at_a_time)
     return spec
 
 
 register_method("MOSE", MOSEHyperParams, apply_mose_to_model)
 register_method("MOSE-OFT", MOSEOFTHyperParams, apply_mose_oft_to_model)
-register_method("ROME", ROMEHyperParams, apply_rome_to_model)
+register_method("ROME", ROMEHyperParams, apply_rome_to_model, one_fact_at_a_time=True)
 register_method("MEMIT", MEMITHyperParams, apply_memit_to_model)
 register_method("RECT", RECTHyperParams, apply_rect_to_model)
 register_method("EMMET", EMMETHyperParams, apply_emmet_to_model)

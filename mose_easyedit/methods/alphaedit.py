@@ -5,11 +5,15 @@ Once per layer, from the original C: P = Û Ûᵀ with Û the eigenvectors of C 
 
     ΔW = R Kᵀ P ((K Kᵀ + K_p K_pᵀ) P + L2·I)⁻¹                                (docs/methods.md §7)
 
-in float32 (:func:`mose_easyedit.rules.alphaedit_delta`), so ΔW (I − P) = 0: generic keys (C's range) keep
-their outputs. K_p K_pᵀ, the keys of earlier batches of this run (recomputed on the edited model after each
-batch), is carried in the editing session: it starts at zero with every new run and grows only after a
-successful call (EasyEdit keeps it process-global and never resets it, EasyEdit issue #613). P depends on C
-alone, so it is cached on the model next to C (never in a file in the working directory).
+so ΔW (I − P) = 0: generic keys (C's range) keep their outputs. The solve is not repeated per batch: the run
+carries A⁻¹ = (K_p K_pᵀ P + L2·I)⁻¹ next to K_p K_pᵀ, so ΔW = R (I + B K)⁻¹ B with B = KᵀP A⁻¹ and the carried
+inverse grows by the Woodbury identity, O(p²n) per batch in float64 instead of a p×p product and solve
+(:func:`mose_easyedit.rules.alphaedit_carried_delta`, equal to :func:`mose_easyedit.rules.alphaedit_delta`).
+K_p K_pᵀ, the keys of earlier batches of this run (recomputed on the edited model after each batch), is
+carried in the editing session: it starts at zero with every new run and grows only after a successful call
+(EasyEdit keeps it process-global and never resets it, EasyEdit issue #613). P depends on C alone, so it is
+cached on the model next to C (never in a file in the working directory); so is the carried inverse, which
+is recomputed directly whenever it does not belong to the session's K_p K_pᵀ (a new run, a resumed checkpoint).
 """
 from __future__ import annotations
 
@@ -20,10 +24,14 @@ import torch
 from ..editor import EditContext, LayerBatch
 from ..hparams import LocateEditHyperParams
 from ..keys import model_cache
-from ..rules import alphaedit_delta, alphaedit_grow_moment, null_space_projector
-from .memit import MEMIT, covariance, record_update
+from ..modeling import read_weight
+from ..rules import (alphaedit_carried_delta, alphaedit_grow_inverse, alphaedit_grow_moment, alphaedit_inverse,
+                     null_space_projector)
+from .memit import MEMIT, record_update
 
 MOMENT_STATE = "prior_moment"  # session.state[MOMENT_STATE][module] = K_p K_pᵀ (p×p, in mom2_dtype)
+# model cache[(INVERSE_CACHE, module)] = (the K_p K_pᵀ tensor, P, L2, (K_p K_pᵀ P + L2·I)⁻¹ in float64)
+INVERSE_CACHE = "alphaedit_inverse"
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -46,16 +54,16 @@ class AlphaEditHyperParams(LocateEditHyperParams):
             raise ValueError(f"{source}: key 'L2' must be > 0, got {self.L2}")
 
 
-def null_space(ctx: EditContext, batch: LayerBatch) -> tuple[torch.Tensor, int]:
-    """``(P, dimension of the null space)`` for the batch's layer, from the cached C; computed once per C.
+def null_space(ctx: EditContext, layer: int, device) -> tuple[torch.Tensor, int]:
+    """``(P, dimension of the null space)`` for ``layer``, from the cached C (on ``device``); computed once per C.
 
     The cache entry keeps the C it was computed from, so a different C (another corpus, sample count, dtype)
     gets its own projector.
     """
-    C = covariance(ctx, batch)
+    C = ctx.second_moments([layer])[layer].to(device)
     threshold = float(ctx.hparams.nullspace_threshold)
     cache = model_cache(ctx.model)
-    key = ("alphaedit_projector", batch.module, threshold)
+    key = ("alphaedit_projector", ctx.module(layer), threshold)
     entry = cache.get(key)
     if entry is None or entry[0] is not C:
         P = null_space_projector(C, threshold)
@@ -68,31 +76,49 @@ class AlphaEdit(MEMIT):
     hparams_class = AlphaEditHyperParams
 
     def rule(self, ctx: EditContext, batch: LayerBatch) -> torch.Tensor:
-        P, dimension = null_space(ctx, batch)
-        prior = ctx.session.state.get(MOMENT_STATE, {}).get(batch.module)
-        prior = torch.zeros_like(P) if prior is None else prior.to(P.device)
-        delta = alphaedit_delta(batch.residual.to(P.device), batch.K.to(P.device), P, prior, ctx.hparams.L2)
+        P, dimension = null_space(ctx, batch.layer, batch.W.device)
+        inverse = carried_inverse(ctx, batch.module, P)
+        delta = alphaedit_carried_delta(batch.residual.to(P.device), batch.K.to(P.device), P, inverse)
         record_update(ctx, batch, delta, null_space_dim=dimension, prior_edits=ctx.session.num_edits)
         return batch.W + delta
 
     def finish(self, ctx: EditContext) -> None:
-        """Recompute the batch's keys on the edited model; K_p K_pᵀ += K Kᵀ once the call has succeeded."""
+        """Recompute the batch's keys on the edited model; K_p K_pᵀ += K Kᵀ (and its carried inverse) once the
+        call has succeeded."""
         window = ctx.diagnostics["layers"]
         keys, _, _ = ctx.keys(window)
+        moments = ctx.session.state.get(MOMENT_STATE, {})
         grown = {}
         for layer in window:
+            module = ctx.module(layer)
             C = ctx.second_moments([layer])[layer]
-            grown[ctx.module(layer)] = (keys[layer].to(C.device), C)
-        state = ctx.session.state
+            P = null_space(ctx, layer, read_weight(ctx.model, module).device)[0]
+            K = keys[layer].to(C.device)
+            prior = moments.get(module)
+            moment = alphaedit_grow_moment(prior if prior is not None else torch.zeros_like(C), K).to(C.dtype)
+            inverse = alphaedit_grow_inverse(carried_inverse(ctx, module, P), K.to(P.device), P)
+            grown[module] = (moment, (moment, P, float(ctx.hparams.L2), inverse))
+        state, cache = ctx.session.state, model_cache(ctx.model)
 
         def commit():
-            moments = state.setdefault(MOMENT_STATE, {})
-            for module, (K, C) in grown.items():
-                prior = moments.get(module)
-                moments[module] = alphaedit_grow_moment(prior if prior is not None else torch.zeros_like(C), K
-                                                        ).to(C.dtype)
+            for module, (moment, entry) in grown.items():
+                state.setdefault(MOMENT_STATE, {})[module] = moment
+                cache[(INVERSE_CACHE, module)] = entry
 
         ctx.commits.append(commit)
+
+
+def carried_inverse(ctx: EditContext, module: str, P: torch.Tensor) -> torch.Tensor:
+    """(K_p K_pᵀ P + L2·I)⁻¹ for the session's current K_p K_pᵀ: the carried one when it belongs to exactly that
+    moment, P and L2, else computed directly (a new run, a resumed checkpoint, another projector)."""
+    prior = ctx.session.state.get(MOMENT_STATE, {}).get(module)
+    l2 = float(ctx.hparams.L2)
+    entry = model_cache(ctx.model).get((INVERSE_CACHE, module))
+    if entry is not None and entry[0] is prior and entry[1] is P and entry[2] == l2:
+        return entry[3]
+    if prior is None:
+        return torch.eye(P.shape[0], dtype=torch.float64, device=P.device) / l2
+    return alphaedit_inverse(prior.to(P.device), P, l2)
 
 
 ALPHAEDIT_METHOD = AlphaEdit()
