@@ -7,10 +7,12 @@ small MOSE edits (``--repeats`` steps, W ← R W after each) and measures, per s
 * propagating its key-space part instead, R (W C Wᵀ) Rᵀ (O(d³), what a sequential caller could do),
 * the polar factor of M by ``svd``, ``eigh``, ``newton_schulz`` cold, and ``newton_schulz`` warm-started at
   the previous step's rotation (identity at the first step), with the Newton–Schulz iteration counts,
-* ``memit_delta`` (direct solve, and with C's Cholesky factor computed once per run) and ``alphaedit_delta``
-  (float32, as AlphaEdit) for the same keys and residuals,
+* ``memit_delta`` (direct solve, and with C's Cholesky factor computed once per run), ``alphaedit_delta``
+  (float32, as AlphaEdit) and ``alphaedit_carried_delta`` (the carried inverse, grown by Woodbury after each
+  step: the path the AlphaEdit method takes) for the same keys and residuals,
 
-and the largest |R_method − R_svd| entry over the steps.
+and the largest |R_method − R_svd| entry over the steps, and of the carried AlphaEdit update relative to the
+float32 solve.
 
 The synthetic problem: W Gaussian with rows scaled log-uniformly from 1 down to ``--output-spread``
 (default 0.1: κ(M) ≈ 1e4 and ~29 Newton–Schulz iterations, close to SmolLM2's down_proj at lam = 10 with C
@@ -98,12 +100,14 @@ def benchmark_size(out_dim: int, n_keys: int, args, device: torch.device) -> dic
     factor = rules.cholesky_factor(C)
     key_scale = math.sqrt(float(spectrum.sum()) / in_dim)
     prior_moment = torch.zeros(in_dim, in_dim, dtype=torch.float64, device=device)
+    inverse = rules.alphaedit_inverse(prior_moment, P, ALPHAEDIT_L2)
     previous_rotation = torch.eye(out_dim, dtype=torch.float64, device=device)
     output_moment = None
 
     seconds: dict[str, list[float]] = {key: [] for key in (
-        "build", "propagate", "svd", "eigh", "ns_cold", "ns_warm", "memit", "memit_factor", "alphaedit")}
-    deviation = {"eigh": 0.0, "ns_cold": 0.0, "ns_warm": 0.0}
+        "build", "propagate", "svd", "eigh", "ns_cold", "ns_warm", "memit", "memit_factor", "alphaedit",
+        "alphaedit_carried", "alphaedit_grow")}
+    deviation = {"eigh": 0.0, "ns_cold": 0.0, "ns_warm": 0.0, "alphaedit_carried": 0.0}
     iterations = {"ns_cold": [], "ns_warm": []}
     conditions = []
     for step in range(args.repeats):
@@ -142,9 +146,15 @@ def benchmark_size(out_dim: int, n_keys: int, args, device: torch.device) -> dic
         # C's Cholesky factor is computed once per run (not timed here), then each edit solves in O(p²n)
         _, elapsed = timed(device, rules.memit_delta, residual, K, C, MEMIT_LAMBDA, factor)
         seconds["memit_factor"].append(elapsed)
-        _, elapsed = timed(device, rules.alphaedit_delta, residual, K, P, prior_moment, ALPHAEDIT_L2)
+        solved, elapsed = timed(device, rules.alphaedit_delta, residual, K, P, prior_moment, ALPHAEDIT_L2)
         seconds["alphaedit"].append(elapsed)
+        carried, elapsed = timed(device, rules.alphaedit_carried_delta, residual, K, P, inverse)
+        seconds["alphaedit_carried"].append(elapsed)
+        deviation["alphaedit_carried"] = max(deviation["alphaedit_carried"],
+                                             float((carried - solved).norm() / solved.norm()))
         prior_moment = rules.alphaedit_grow_moment(prior_moment, K)
+        inverse, elapsed = timed(device, rules.alphaedit_grow_inverse, inverse, K, P)
+        seconds["alphaedit_grow"].append(elapsed)
 
         W = reference @ W
         previous_rotation = reference
@@ -165,7 +175,8 @@ def benchmark_size(out_dim: int, n_keys: int, args, device: torch.device) -> dic
 
 def markdown_table(rows: list[dict]) -> str:
     header = ("| d | p | n | κ(M) | build M | propagate WCWᵀ | svd | eigh | NS cold (it) | NS warm (it) "
-              "| memit | memit, cached factor | alphaedit | max dev eigh | max dev NS cold | max dev NS warm |")
+              "| memit | memit, cached factor | alphaedit | alphaedit, carried inverse (+ grow) "
+              "| max dev eigh | max dev NS cold | max dev NS warm | rel. dev carried |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
         med, its, dev = row["median"], row["iterations"], row["deviation"]
@@ -174,7 +185,9 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {med['propagate']:.3f} | {med['svd']:.3f} | {med['eigh']:.3f} "
             f"| {med['ns_cold']:.3f} ({its['ns_cold']:.0f}) | {med['ns_warm']:.3f} ({its['ns_warm']:.0f}) "
             f"| {med['memit']:.3f} | {med['memit_factor']:.4f} | {med['alphaedit']:.3f} "
-            f"| {dev['eigh']:.1e} | {dev['ns_cold']:.1e} | {dev['ns_warm']:.1e} |"
+            f"| {med['alphaedit_carried']:.4f} (+ {med['alphaedit_grow']:.4f}) "
+            f"| {dev['eigh']:.1e} | {dev['ns_cold']:.1e} | {dev['ns_warm']:.1e} "
+            f"| {dev['alphaedit_carried']:.1e} |"
         )
     return "\n".join(lines)
 
