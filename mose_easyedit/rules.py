@@ -430,6 +430,23 @@ def null_space_projector(C: torch.Tensor, threshold: float = 2e-2) -> torch.Tens
     return kept @ kept.T
 
 
+def _alphaedit_operands(Rsd: torch.Tensor, K: torch.Tensor, P: torch.Tensor, name: str, matrix: torch.Tensor,
+                        meaning: str):
+    """``(Rsd, K, P, matrix)`` checked: Rsd d×n, K p×n, the projector P and ``matrix`` p×p, on one device."""
+    Rsd = _check_tensor("Rsd", Rsd, 2)
+    K = _check_tensor("K", K, 2)
+    P = _check_tensor("P", P, 2)
+    matrix = _check_tensor(name, matrix, 2)
+    _same_device(Rsd=Rsd, K=K, P=P, **{name: matrix})
+    if Rsd.shape[1] != K.shape[1]:
+        raise ValueError(f"Rsd (d×n) and K (p×n) must have the same number of columns n, got "
+                         f"Rsd {tuple(Rsd.shape)} and K {tuple(K.shape)}")
+    in_dim = K.shape[0]
+    _check_shape("P", P, (in_dim, in_dim), "p×p null-space projector, p = K.shape[0]")
+    _check_shape(name, matrix, (in_dim, in_dim), meaning)
+    return Rsd, K, P, matrix
+
+
 def alphaedit_delta(Rsd: torch.Tensor, K: torch.Tensor, P: torch.Tensor, prior_moment: torch.Tensor,
                     l2: float, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """AlphaEdit: ΔW = Rsd Kᵀ P ((K Kᵀ + prior_moment) P + l2·I)⁻¹ (d×p).
@@ -439,20 +456,11 @@ def alphaedit_delta(Rsd: torch.Tensor, K: torch.Tensor, P: torch.Tensor, prior_m
     returned as float64 like every rule here, but carries float32 accuracy. With l2 > 0 the update lies in
     P's range: ΔW (I − P) = 0, because P (I − P) = 0.
     """
-    Rsd = _check_tensor("Rsd", Rsd, 2)
-    K = _check_tensor("K", K, 2)
-    P = _check_tensor("P", P, 2)
-    prior_moment = _check_tensor("prior_moment", prior_moment, 2)
-    _same_device(Rsd=Rsd, K=K, P=P, prior_moment=prior_moment)
+    Rsd, K, P, prior_moment = _alphaedit_operands(Rsd, K, P, "prior_moment", prior_moment,
+                                                  "p×p accumulated K_p K_pᵀ")
     l2 = _check_positive("l2", l2)
     if not compute_dtype.is_floating_point:
         raise ValueError(f"compute_dtype must be a floating dtype, got {compute_dtype}")
-    if Rsd.shape[1] != K.shape[1]:
-        raise ValueError(f"Rsd (d×n) and K (p×n) must have the same number of columns n, got "
-                         f"Rsd {tuple(Rsd.shape)} and K {tuple(K.shape)}")
-    in_dim = K.shape[0]
-    _check_shape("P", P, (in_dim, in_dim), "p×p null-space projector, p = K.shape[0]")
-    _check_shape("prior_moment", prior_moment, (in_dim, in_dim), "p×p accumulated K_p K_pᵀ")
     K = K.to(compute_dtype)
     P = P.to(compute_dtype)
     system = (K @ K.T + prior_moment.to(compute_dtype)) @ P
@@ -469,7 +477,6 @@ def alphaedit_grow_moment(prior_moment: torch.Tensor, K: torch.Tensor) -> torch.
     _check_shape("prior_moment", prior_moment, (K.shape[0], K.shape[0]), "p×p, p = K.shape[0]")
     K = _float64(K)
     return _float64(prior_moment) + K @ K.T
-
 
 
 def alphaedit_inverse(prior_moment: torch.Tensor, P: torch.Tensor, l2: float) -> torch.Tensor:
@@ -493,17 +500,7 @@ def alphaedit_carried_delta(Rsd: torch.Tensor, K: torch.Tensor, P: torch.Tensor,
 
         ΔW = Rsd G (A + K G)⁻¹ = Rsd (I_n + B K)⁻¹ B            (push-through identity), float64.
     """
-    Rsd = _check_tensor("Rsd", Rsd, 2)
-    K = _check_tensor("K", K, 2)
-    P = _check_tensor("P", P, 2)
-    inverse = _check_tensor("inverse", inverse, 2)
-    _same_device(Rsd=Rsd, K=K, P=P, inverse=inverse)
-    if Rsd.shape[1] != K.shape[1]:
-        raise ValueError(f"Rsd (d×n) and K (p×n) must have the same number of columns n, got "
-                         f"Rsd {tuple(Rsd.shape)} and K {tuple(K.shape)}")
-    in_dim = K.shape[0]
-    _check_shape("P", P, (in_dim, in_dim), "p×p null-space projector, p = K.shape[0]")
-    _check_shape("inverse", inverse, (in_dim, in_dim), "p×p carried (K_p K_pᵀ P + l2·I)⁻¹")
+    Rsd, K, P, inverse = _alphaedit_operands(Rsd, K, P, "inverse", inverse, "p×p carried (K_p K_pᵀ P + l2·I)⁻¹")
     K = _float64(K)
     B = (K.T @ _float64(P)) @ _float64(inverse)
     small = B @ K
