@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .keys import bare_rows, context_templates, encode_rows, family_mean, trace_at_subject
+from .keys import BlockInputs, bare_rows, context_templates, encode_rows, family_mean, trace_at_subject
 from .modeling import get_module, num_layers, read_weight, write_weight
 from .requests import EditRequest, validate_requests
 from .session import EditSession, get_session
@@ -95,9 +95,11 @@ class EditContext:
         with self.timed("keys"):
             return second_moments(self.model, self.tok, layers, self.hparams)
 
-    def keys(self, layers: Sequence[int], output_layer: int | None = None):
+    def keys(self, layers: Sequence[int], output_layer: int | None = None, resume: BlockInputs | None = None):
         """Template-mean keys ``{layer: (p, n)}``, bare-prompt keys, and (if ``output_layer``) the current block
-        output h at the bare prompts ``(d, n)`` — all in one forward pass that stops as early as possible."""
+        output h at the bare prompts ``(d, n)`` — all in one forward pass that stops as early as possible. With
+        ``resume`` the pass starts at the block input it kept from the previous pass and keeps the input of the
+        lowest keyed layer's block for the next one."""
         hp = self.hparams
         with self.timed("keys"):
             rows, index = encode_rows(self.tok, self.requests, self.families)
@@ -105,7 +107,7 @@ class EditContext:
             outputs = [hp.layer_module_tmp.format(output_layer)] if output_layer is not None else []
             deepest = max(list(layers) + ([output_layer] if output_layer is not None else []))
             traced = trace_at_subject(self.model, self.tok, rows, inputs, outputs,
-                                      hp.layer_module_tmp.format(deepest), hp.chunk_size)
+                                      hp.layer_module_tmp.format(deepest), hp.chunk_size, resume, min(layers))
             bare = bare_rows(index)
             keys = {layer: family_mean(traced[("input", self.module(layer))], index).double() for layer in layers}
             keys_bare = {layer: traced[("input", self.module(layer))][bare].T.double() for layer in layers}
@@ -124,10 +126,12 @@ Rule = Callable[[EditContext, LayerBatch], torch.Tensor]
 def spread_update(ctx: EditContext, window: Sequence[int], rule: Rule, target: TargetResult) -> None:
     """MEMIT's multi-layer spreading: visit the window's layers in ascending order; at each, recompute keys and
     the current h at the top layer (lower layers already updated) and hand the rule the residual
-    (z − h) / (layers remaining)."""
+    (z − h) / (layers remaining). Only the visited layer changes between two passes, so each pass starts at the
+    previous layer's block (the blocks below it are unchanged) where the model family allows."""
     window = sorted(window)
+    resume = BlockInputs(ctx.model, ctx.hparams.layer_module_tmp)
     for position, layer in enumerate(window):
-        keys, keys_bare, h = ctx.keys([layer], output_layer=target.layer)
+        keys, keys_bare, h = ctx.keys([layer], output_layer=target.layer, resume=resume)
         W = ctx.weight(layer)
         residual = (target.z.double().to(W.device) - h.to(W.device)) / (len(window) - position)
         batch = LayerBatch(layer, ctx.module(layer), W, keys[layer].to(W.device), keys_bare[layer].to(W.device),

@@ -6,13 +6,14 @@ taken within each template family, then across families.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Sequence
 
 import torch
 
-from .modeling import input_device
-from .nethook import StopForward, TraceDict
+from .modeling import blocks_from, decoder_blocks, input_device, is_block
+from .nethook import StopForward, Trace, TraceDict
 from .requests import EditRequest
 from .tokens import Encoded, encode_prompt, pad_batch, pad_id
 
@@ -80,29 +81,64 @@ def encode_rows(tok, requests: Sequence[EditRequest], families: list[list[str]],
     return rows, index
 
 
+class BlockInputs:
+    """The input of one decoder block at every position of each chunk of rows, kept by a :func:`trace_at_subject`
+    pass so that the next pass over the same rows starts at that block instead of at the embeddings.
+
+    Valid only while no block below the kept one changes; the caller guarantees it (MEMIT's ascending layer loop
+    writes only the kept block before the next pass). On model families where a forward cannot start mid-way
+    (see :func:`~mose_easyedit.modeling.decoder_blocks`) nothing is kept and every pass runs whole."""
+
+    def __init__(self, model, layer_tmp: str):
+        self.found = decoder_blocks(model)
+        self.layer_tmp = layer_tmp
+        self.block: int | None = None
+        self.hidden: list[torch.Tensor] = []
+
+    def keeps(self, model, block: int) -> bool:
+        return self.found is not None and is_block(model, self.found[1], self.layer_tmp.format(block), block)
+
+
 @torch.no_grad()
 def trace_at_subject(model, tok, rows: Sequence[Encoded], inputs: Sequence[str], outputs: Sequence[str] = (),
-                     stop_at: str | None = None, chunk_size: int = 64) -> dict[tuple[str, str], torch.Tensor]:
+                     stop_at: str | None = None, chunk_size: int = 64, resume: BlockInputs | None = None,
+                     keep: int | None = None) -> dict[tuple[str, str], torch.Tensor]:
     """Run the rows (right-padded explicitly) and return the inputs of the modules ``inputs`` and the outputs of
     ``outputs`` at each row's subject token, as float32 ``(rows, dim)`` tensors keyed ``("input"|"output", name)``.
-    The forward stops after module ``stop_at``."""
+    The forward stops after module ``stop_at``. With ``resume`` it starts at the block ``resume`` holds (from the
+    previous pass over the same rows) and keeps the input of block ``keep`` for the next one."""
     device = input_device(model)
     wanted = [("input", name) for name in inputs] + [("output", name) for name in outputs]
     gathered: dict[tuple[str, str], list[torch.Tensor]] = {key: [] for key in wanted}
-    for start in range(0, len(rows), chunk_size):
-        chunk = rows[start:start + chunk_size]
+    start = resume.block if resume is not None else None
+    if start is not None and len(resume.hidden) != -(-len(rows) // chunk_size):
+        start = None  # kept for other rows
+    keep_name = resume.layer_tmp.format(keep) if resume is not None and keep is not None and resume.keeps(model, keep) \
+        else None
+    kept: list[torch.Tensor | None] = []
+    for number, first in enumerate(range(0, len(rows), chunk_size)):
+        chunk = rows[first:first + chunk_size]
         ids, mask, _ = pad_batch([r.ids for r in chunk], pad_id(tok), "right", device)
         positions = torch.tensor([r.subject_last for r in chunk], device=device)
         with TraceDict(model, list(inputs) + list(outputs), retain_input=bool(inputs), retain_output=bool(outputs),
-                       stop_at=stop_at) as traces:
+                       stop_at=stop_at) as traces, \
+                (Trace(model, keep_name, retain_input=True) if keep_name else contextlib.nullcontext()) as block:
             try:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
+                if start is not None:
+                    with blocks_from(*resume.found, start) as base:
+                        base(inputs_embeds=resume.hidden[number], attention_mask=mask, use_cache=False)
+                else:
+                    model(input_ids=ids, attention_mask=mask, use_cache=False)
             except StopForward:
                 pass
+        kept.append(block.input if keep_name else None)
         for kind, name in wanted:
             value = traces[name].input if kind == "input" else traces[name].output
             rows_idx = torch.arange(len(chunk), device=value.device)
             gathered[(kind, name)].append(value[rows_idx, positions.to(value.device)].float())
+    if resume is not None:  # the next pass starts at ``keep`` only if every chunk recorded its input
+        complete = keep_name is not None and all(h is not None for h in kept)
+        resume.block, resume.hidden = (keep, kept) if complete else (None, [])
     return {key: torch.cat(parts) for key, parts in gathered.items()}
 
 

@@ -1,6 +1,8 @@
-"""Model plumbing: the embedded default model, module lookup, and weight access in (out, in) orientation."""
+"""Model plumbing: the embedded default model, module lookup, weight access in (out, in) orientation, and
+forwards that start at an intermediate decoder block."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -139,3 +141,48 @@ def model_identity(model: torch.nn.Module) -> str:
 def input_device(model: torch.nn.Module) -> torch.device:
     """Where token ids must go: the input embedding's device (correct under ``model_parallel`` / device maps)."""
     return model.get_input_embeddings().weight.device
+
+
+# Decoder families whose base model feeds ``inputs_embeds`` to the first block unchanged, so a forward can start
+# at any block by passing that block's input as ``inputs_embeds`` with the lower blocks removed.
+SKIPPABLE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def plain_head(model) -> bool:
+    """True when the logits are the output embedding of the base model's last hidden state (no soft-capping)."""
+    return (model.get_output_embeddings() is not None
+            and getattr(model.config, "final_logit_softcapping", None) is None)
+
+
+def base_model(model):
+    """The model without its output head (``model.model`` for LLaMA, ``model.transformer`` for GPT-2)."""
+    return getattr(model, getattr(model, "base_model_prefix", ""), model)
+
+
+def decoder_blocks(model):
+    """``(base, blocks)`` when a forward of this model can start at any decoder block (see :func:`blocks_from`),
+    else None."""
+    if getattr(model.config, "model_type", None) not in SKIPPABLE_FAMILIES or not plain_head(model):
+        return None
+    base = base_model(model)
+    blocks = getattr(base, "layers", None)
+    return (base, blocks) if isinstance(blocks, torch.nn.ModuleList) and len(blocks) else None
+
+
+def is_block(model, blocks: torch.nn.ModuleList, name: str, index: int) -> bool:
+    """Whether module ``name`` of ``model`` is ``blocks[index]`` (a layer template that names the blocks)."""
+    try:
+        return 0 <= index < len(blocks) and get_module(model, name) is blocks[index]
+    except ValueError:
+        return False
+
+
+@contextlib.contextmanager
+def blocks_from(base, blocks: torch.nn.ModuleList, start: int):
+    """Within the block, ``base`` runs only ``blocks[start:]``: called with ``inputs_embeds`` = the input of block
+    ``start`` (and the same mask and positions), it returns what the whole model would. Restored on exit."""
+    base.layers = torch.nn.ModuleList(list(blocks)[start:])
+    try:
+        yield base
+    finally:
+        base.layers = blocks

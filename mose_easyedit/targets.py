@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .modeling import get_module, input_device
+from .modeling import base_model, blocks_from, decoder_blocks, input_device, is_block, plain_head
 from .nethook import Trace
 from .requests import EditRequest
 from .tokens import Encoded, encode_prompt, pad_batch, pad_id
@@ -95,31 +95,10 @@ def _split(rows: Sequence[Encoded], use_cache: bool, is_kl: bool):
     return prefixes, suffixes, cuts
 
 
-# Decoder families whose base model feeds ``inputs_embeds`` to the first block unchanged, so a forward can start
-# at any block by passing that block's input as ``inputs_embeds`` with the lower blocks removed.
-SKIPPABLE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def _plain_head(model) -> bool:
-    """True when the logits are the output embedding of the base model's last hidden state (no soft-capping)."""
-    return (model.get_output_embeddings() is not None
-            and getattr(model.config, "final_logit_softcapping", None) is None)
-
-
-def _base(model):
-    """The model without its output head (``model.model`` for LLaMA, ``model.transformer`` for GPT-2)."""
-    return getattr(model, getattr(model, "base_model_prefix", ""), model)
-
-
 def _upper_blocks(model, layer_name: str, layer: int):
     """``(base, blocks)`` when a forward can start above block ``layer`` of this model, else None."""
-    if getattr(model.config, "model_type", None) not in SKIPPABLE_FAMILIES or not _plain_head(model):
-        return None
-    base = _base(model)
-    blocks = getattr(base, "layers", None)
-    if not isinstance(blocks, torch.nn.ModuleList) or not 0 <= layer < len(blocks):
-        return None
-    return (base, blocks) if get_module(model, layer_name) is blocks[layer] else None
+    found = decoder_blocks(model)
+    return found if found is not None and is_block(model, found[1], layer_name, layer) else None
 
 
 class _Runner:
@@ -141,7 +120,7 @@ class _Runner:
                     pre_mask[i] = 0
             pre_pos = (pre_mask.cumsum(1) - 1).clamp(min=0)
             with torch.no_grad():  # the base model: the prefix needs its cache, not its logits
-                out = _base(model)(input_ids=pre_ids, attention_mask=pre_mask, position_ids=pre_pos, use_cache=True)
+                out = base_model(model)(input_ids=pre_ids, attention_mask=pre_mask, position_ids=pre_pos, use_cache=True)
             self.cache = out.past_key_values
             prefix_mask, prefix_len = pre_mask, pre_mask.sum(1)
         else:
@@ -186,13 +165,9 @@ class _Runner:
             if add is not None:
                 hidden = hidden.clone()
                 hidden[self._where(hidden.device)] += add.to(device=hidden.device, dtype=hidden.dtype)
-            base, blocks = self.upper
-            base.layers = torch.nn.ModuleList(list(blocks)[self.layer + 1:])
-            try:
+            with blocks_from(*self.upper, self.layer + 1) as base:
                 return self._head(base(inputs_embeds=hidden.to(self.ids.device), **kwargs).last_hidden_state,
                                   rows, columns)
-            finally:
-                base.layers = blocks
 
         def edit(hidden):
             where = self._where(hidden.device)
@@ -206,8 +181,8 @@ class _Runner:
             return hidden
 
         with Trace(self.model, self.layer_name, edit_output=edit):
-            if _plain_head(self.model):
-                return self._head(_base(self.model)(input_ids=self.ids, **kwargs).last_hidden_state, rows, columns)
+            if plain_head(self.model):
+                return self._head(base_model(self.model)(input_ids=self.ids, **kwargs).last_hidden_state, rows, columns)
             logits = self.model(input_ids=self.ids, **kwargs).logits
         return logits[rows.to(logits.device), columns.to(logits.device)].to(self.ids.device)
 

@@ -319,6 +319,35 @@ def test_rome_applies_one_rank_one_update_per_request(tokenizer):
     assert entry["num_requests"] == 2 and len(entry["per_request"]) == 2 and len(entry["target_loss"]) == 2
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_spreading_key_passes_start_at_the_last_edited_block(tokenizer, monkeypatch, family):
+    """MEMIT's per-layer key passes start at the previous layer's block (LLaMA, Qwen2; GPT-2 runs whole passes)
+    and give the bit-identical edit of whole passes, over several row chunks."""
+    import mose_easyedit.keys as keys_module
+
+    hp = hparams("MEMIT", family, layers=[0, 1, 2], chunk_size=4,  # 2 requests × 3 templates: 2 chunks
+                 context_template_length_params=[[6, 2]])
+    runs = {}
+    for mode in ("resume", "whole"):
+        model = build_tiny_model(family, len(tokenizer))
+        if mode == "whole":
+            monkeypatch.setattr(keys_module, "decoder_blocks", lambda model: None)
+        calls = []
+        handle = model.get_input_embeddings().register_forward_hook(lambda *a: calls.append(1))
+        try:
+            MEMIT_METHOD.apply(model, tokenizer, REQUESTS[:2], hp)
+        finally:
+            handle.remove()
+        runs[mode] = (snapshot(model), len(calls))
+    (resumed, resumed_calls), (whole, whole_calls) = runs["resume"], runs["whole"]
+    assert resumed.keys() == whole.keys()
+    for name in whole:
+        assert torch.equal(resumed[name], whole[name]), name
+    # three key passes of two chunks each; resumed, only the first one starts at the embeddings
+    expected_saving = 2 * 2 if family != "gpt2" else 0
+    assert whole_calls - resumed_calls == expected_saving, (whole_calls, resumed_calls)
+
+
 # ------------------------------------------------------------------------------------------ hyperparameters
 @pytest.mark.parametrize("name", list(BASELINES))
 @pytest.mark.parametrize("model_file", list(MODEL_LAYERS))
