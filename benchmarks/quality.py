@@ -152,10 +152,18 @@ def main(argv=None) -> int:
                         f"speed\n\n{stability_speed_table(summaries, medians)}\nCurves: `{name}/compare_*.png`.\n")
     import torch
 
+    walls = {d.name: json.loads((d / "summary.json").read_text())["time"] for d in set(done.values())
+             if (d / "summary.json").exists()}
+    total = sum(t["wall_seconds"] for t in walls.values())
+    resumed = sorted(name for name, t in walls.items() if t.get("resumes"))
+    compute = (f"- runs: {len(walls)}, {total / 60:.1f} min of run wall time in all "
+               f"({total / 60 / args.jobs:.1f} min per parallel slot at {args.jobs} run(s) in parallel)"
+               + (f"; resumed after an interruption: {', '.join(resumed)}" if resumed else "") + "\n")
     header = (f"# Benchmark: {', '.join(args.methods)} on {args.model}\n\n"
               f"- command: `python benchmarks/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
               f"- machine: {platform.machine()}, {os.cpu_count()} CPU core(s), {platform.platform()}; "
               f"torch {torch.__version__}, {args.threads} thread(s) per run, {args.jobs} run(s) in parallel\n"
+              + compute
               + ("- report written from the complete runs (--report-only)\n\n" if args.report_only else
                  f"- wall time of this invocation: {wall / 60:.1f} min\n\n"))
     report = header + "\n".join(sections)
