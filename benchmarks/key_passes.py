@@ -13,12 +13,9 @@ import argparse
 import copy
 import logging
 import statistics
-from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data"
+from _embedded import add_arguments, load
 
 logger = logging.getLogger("benchmarks.key_passes")
 
@@ -37,26 +34,16 @@ def edit_all(model, tok, cases, spec, hp) -> tuple[list[float], list[float]]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=20, help="CounterFact cases edited one after another")
-    parser.add_argument("--method", default="MEMIT", help="a method whose edit spreads over a layer window")
-    parser.add_argument("--hparams", type=Path, default=None, help="YAML (default hparams/METHOD/smollm2-135m.yaml)")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--threads", type=int, default=1)
+    add_arguments(parser, 20, "CounterFact cases edited one after another", "MEMIT",
+                  "a method whose edit spreads over a layer window")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.set_num_threads(args.threads)
+    setup = load(args)
+    spec, hp, model, tok, cases = setup.spec, setup.hp, setup.model, setup.tok, setup.cases
 
     import mose_easyedit.keys as keys_module
-    from mose_easyedit.data import load_counterfact
     from mose_easyedit.keys import context_templates
-    from mose_easyedit.methods import METHODS
-    from mose_easyedit.modeling import load_default_model
     from mose_easyedit.stats import second_moments
 
-    spec = METHODS[args.method]
-    hp = spec.hparams_cls.from_hparams(args.hparams or REPO / "hparams" / args.method / "smollm2-135m.yaml")
-    model, tok = load_default_model()
-    cases = load_counterfact(args.data_dir / "counterfact" / "counterfact-edit.json", limit=args.n)
     # context templates and key statistics, cached on the model object (and copied with it)
     context_templates(model, tok, hp.context_template_length_params, hp.seed)
     second_moments(model, tok, hp.layers, hp)

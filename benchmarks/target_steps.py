@@ -17,13 +17,10 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data"
+from _embedded import add_arguments, load
 
 logger = logging.getLogger("benchmarks.target_steps")
 
@@ -59,29 +56,21 @@ def product_timing(weights: list[torch.Tensor], rows: int, repeats: int = 5) -> 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=10, help="CounterFact cases, optimised one at a time")
-    parser.add_argument("--method", default="MOSE", help="whose hparams/METHOD/smollm2-135m.yaml sets the targets")
+    add_arguments(parser, 10, "CounterFact cases, optimised one at a time", "MOSE",
+                  "whose YAML sets the targets")
     parser.add_argument("--layer", type=int, default=9, help="block whose output receives δ")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.set_num_threads(args.threads)
+    setup = load(args)
+    hp, model, tok = setup.hp, setup.model, setup.tok
 
     from torch.profiler import ProfilerActivity, profile
 
-    from mose_easyedit.data import load_counterfact
     from mose_easyedit.keys import context_templates
-    from mose_easyedit.methods import METHODS
-    from mose_easyedit.modeling import decoder_blocks, load_default_model
+    from mose_easyedit.modeling import decoder_blocks
     from mose_easyedit.requests import validate_requests
     from mose_easyedit.targets import optimize_targets
 
-    spec = METHODS[args.method]
-    hp = spec.hparams_cls.from_hparams(REPO / "hparams" / args.method / "smollm2-135m.yaml")
-    model, tok = load_default_model()
-    requests = validate_requests(load_counterfact(args.data_dir / "counterfact" / "counterfact-edit.json",
-                                                  limit=args.n))
+    requests = validate_requests(setup.cases)
     families = context_templates(model, tok, hp.context_template_length_params, hp.seed)
     optimize_targets(model, tok, requests[:1], args.layer, hp, families)  # warm-up
 
