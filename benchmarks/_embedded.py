@@ -13,10 +13,12 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 
 
-def add_arguments(parser: argparse.ArgumentParser, n: int, n_help: str, method: str, method_help: str) -> None:
+def add_arguments(parser: argparse.ArgumentParser, n: int, n_help: str, method: str,
+                  method_help: str) -> None:
     parser.add_argument("--n", type=int, default=n, help=n_help)
     parser.add_argument("--method", default=method, help=method_help)
-    parser.add_argument("--hparams", type=Path, default=None, help="YAML (default hparams/METHOD/smollm2-135m.yaml)")
+    parser.add_argument("--hparams", type=Path, default=None,
+                        help="YAML (default hparams/METHOD/smollm2-135m.yaml)")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--threads", type=int, default=1)
 
@@ -29,6 +31,8 @@ def load(args: argparse.Namespace) -> SimpleNamespace:
     from mose_easyedit.methods import METHODS
     from mose_easyedit.modeling import load_default_model
 
+    if args.method not in METHODS:
+        raise SystemExit(f"unknown method {args.method!r}; known: {', '.join(METHODS)}")
     spec = METHODS[args.method]
     hp = spec.hparams_cls.from_hparams(args.hparams or REPO / "hparams" / args.method / "smollm2-135m.yaml")
     model, tok = load_default_model()

@@ -1,28 +1,27 @@
 """Where a target-optimisation step spends its time, and why a step costs what it costs.
 
-Optimises the targets of the first ``--n`` CounterFact cases one request at a time (single-sequential shape) on
-the embedded model at block ``--layer`` under the profiler, then prints:
+Optimises the targets of the first ``--n`` CounterFact cases one request at a time (single-sequential shape)
+on the embedded model at block ``--layer`` under the profiler, then prints:
 
 * seconds per Adam step (the δ = 0 pass counted as the first step's forward);
-* the share of the step in matrix products, split into the output head (vocabulary × d, tied embeddings) and
-  the block products (attention and MLP projections of the blocks above ``--layer``), with milliseconds per step;
-* one block product (the request's rows × d by d × p, the MLP up-projection) timed with its weight in cache
-  (the same matrix again and again) and streamed from memory (cycling through the projections of all blocks
-  above ``--layer``, as a step does), in GB/s of weight read.
+* the share of the step in matrix products, split into the output head (vocabulary × d, tied embeddings)
+  and the block products (attention and MLP projections of the blocks above ``--layer``), in milliseconds
+  per step;
+* one block product (12 rows, about a single request's token positions in a step, × d by d × p: the MLP
+  up- and gate-projections) timed with its weight in cache (the same matrix again and again) and streamed
+  from memory (cycling through the projections of all blocks above ``--layer``, as a step does), in GB/s
+  of weight read.
 
     python benchmarks/target_steps.py --n 10 --threads 1
 """
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 
 import torch
 import torch.nn.functional as F
 from _embedded import add_arguments, load
-
-logger = logging.getLogger("benchmarks.target_steps")
 
 
 def matmul_seconds(prof, vocab: int) -> tuple[float, float]:
@@ -40,7 +39,8 @@ def matmul_seconds(prof, vocab: int) -> tuple[float, float]:
 
 
 def product_timing(weights: list[torch.Tensor], rows: int, repeats: int = 5) -> tuple[float, float]:
-    """Seconds of ``F.linear(x, W)`` for a (rows, d) input: W in cache, and W streamed (cycling through all)."""
+    """Seconds of ``F.linear(x, W)`` for a (rows, d) input: W in cache, and W streamed (cycling through
+    all of them)."""
     x = torch.randn(rows, weights[0].shape[1])
     timings = []
     for cycle in ([weights[0]] * len(weights), weights):
@@ -55,7 +55,8 @@ def product_timing(weights: list[torch.Tensor], rows: int, repeats: int = 5) -> 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, 10, "CounterFact cases, optimised one at a time", "MOSE",
                   "whose YAML sets the targets")
     parser.add_argument("--layer", type=int, default=9, help="block whose output receives δ")
@@ -97,7 +98,8 @@ def main(argv=None) -> None:
           f"({seconds:.1f} s in all, under the profiler)")
     print("| part of a step | ms per step | share of profiled CPU time |")
     print("|---|---|---|")
-    print(f"| output head products ({vocab} × {upper[0].shape[1]}) | {1e3 * head / steps:.0f} | {head / profiled:.0%} |")
+    print(f"| output head products ({vocab} × {upper[0].shape[1]}) | {1e3 * head / steps:.0f} "
+          f"| {head / profiled:.0%} |")
     print(f"| block products | {1e3 * blocks / steps:.0f} | {blocks / profiled:.0%} |")
     rest = profiled - head - blocks
     print(f"| everything else | {1e3 * rest / steps:.0f} | {rest / profiled:.0%} |")
