@@ -73,10 +73,10 @@ def stability_speed_table(summaries: list[dict], medians: list[float]) -> str:
     for s, median in zip(summaries, medians):
         st, t = s["stability"], s["time"]
         ratio = f"{median / memit:.2f}" if memit else "–"
-        lines.append(f"| {s['method']} | {st['max_relative_norm_change']:.2e} | {st['max_relative_kappa_change']:.2e} | "
-                     f"{st['max_relative_distance']:.3f} | {median:.2f} | {ratio} | "
-                     f"{t['keys_per_edit']:.2f} | {t['targets_per_edit']:.2f} | {t['update_per_edit']:.2f} | "
-                     f"{t['wall_seconds'] / 60:.1f} |")
+        lines.append(f"| {s['method']} | {st['max_relative_norm_change']:.2e} | "
+                     f"{st['max_relative_kappa_change']:.2e} | {st['max_relative_distance']:.3f} | "
+                     f"{median:.2f} | {ratio} | {t['keys_per_edit']:.2f} | {t['targets_per_edit']:.2f} | "
+                     f"{t['update_per_edit']:.2f} | {t['wall_seconds'] / 60:.1f} |")
     return "\n".join(lines) + "\n"
 
 

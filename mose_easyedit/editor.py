@@ -160,7 +160,8 @@ class Method:
         window = self.window(ctx)
         if max(window) >= num_layers(ctx.model) - 1:
             raise ValueError(f"{self.name}: layer window {window} reaches the last layer; a change there cannot "
-                             f"influence later tokens, so the top edited layer must be below {num_layers(ctx.model) - 1}")
+                             f"influence later tokens, so the top edited layer must be below "
+                             f"{num_layers(ctx.model) - 1}")
         target = ctx.targets(max(window), self.clamp_reference)
         ctx.diagnostics.update(layers=window, target_loss=target.losses, target_steps=target.steps,
                                delta_norm=target.delta.norm(dim=0).tolist())

@@ -37,7 +37,8 @@ def context_templates(model, tok, length_params: Sequence[Sequence[int]], seed: 
     """Template families as prefixes: ``[[""], [prefix, ...], ...]``. Generated once per model and cached.
 
     ``length_params`` is ROME's ``[[length, count], ...]``: ``count`` prefixes of ``length`` tokens (start word
-    included), spread over the five start words; MEMIT's choice is ``[[10, 5]]``. Sampling (top-k 5) uses a private RNG seeded with ``seed``.
+    included), spread over the five start words; MEMIT's choice is ``[[10, 5]]``. Sampling (top-k 5) uses a
+    private RNG seeded with ``seed``.
     """
     key = ("context_templates", tuple(tuple(p) for p in length_params), seed)
     cache = model_cache(model)

@@ -114,7 +114,8 @@ def write_weight(model: torch.nn.Module, module_name: str, value: torch.Tensor) 
     value = value.T if is_conv1d(module) else value
     with torch.no_grad():
         if value.shape != module.weight.shape:
-            raise ValueError(f"shape {tuple(value.shape)} does not fit {module_name}.weight {tuple(module.weight.shape)}")
+            raise ValueError(f"shape {tuple(value.shape)} does not fit {module_name}.weight "
+                             f"{tuple(module.weight.shape)}")
         module.weight.copy_(value.to(device=module.weight.device, dtype=module.weight.dtype))
 
 

@@ -527,6 +527,7 @@ def alphaedit_grow_inverse(inverse: torch.Tensor, K: torch.Tensor, P: torch.Tens
     small.diagonal().add_(1.0)
     return inverse - left @ torch.linalg.solve(small, right)
 
+
 # ----------------------------------------------------------------------------------------------------------
 # 7. RECT
 # ----------------------------------------------------------------------------------------------------------

@@ -120,7 +120,8 @@ class _Runner:
                     pre_mask[i] = 0
             pre_pos = (pre_mask.cumsum(1) - 1).clamp(min=0)
             with torch.no_grad():  # the base model: the prefix needs its cache, not its logits
-                out = base_model(model)(input_ids=pre_ids, attention_mask=pre_mask, position_ids=pre_pos, use_cache=True)
+                out = base_model(model)(input_ids=pre_ids, attention_mask=pre_mask, position_ids=pre_pos,
+                                        use_cache=True)
             self.cache = out.past_key_values
             prefix_mask, prefix_len = pre_mask, pre_mask.sum(1)
         else:

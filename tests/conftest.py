@@ -56,14 +56,15 @@ def build_tiny_model(family: str, vocab_size: int, seed: int = 0):
     torch.manual_seed(seed)
     if family == "llama":
         config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=TINY_INIT,
-                             tie_word_embeddings=True)
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                             initializer_range=TINY_INIT, tie_word_embeddings=True)
     elif family == "qwen2":
         config = Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=TINY_INIT,
-                             tie_word_embeddings=False)
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                             initializer_range=TINY_INIT, tie_word_embeddings=False)
     elif family == "gpt2":
-        config = GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=4, n_head=4, n_positions=256, initializer_range=TINY_INIT)
+        config = GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=4, n_head=4, n_positions=256,
+                            initializer_range=TINY_INIT)
     else:
         raise ValueError(family)
     config.name_or_path = f"tiny-{family}-seed{seed}"

@@ -408,7 +408,8 @@ def _changed(model, snapshot) -> list[str]:
 
 def _assert_edits_succeeded(metrics, label: str) -> None:
     pre, post = _rewrite(metrics, "pre"), _rewrite(metrics, "post")
-    print(f"\n{label}: rewrite_acc pre {[round(float(x), 2) for x in pre]} -> post {[round(float(x), 2) for x in post]}")
+    rounded = {stage: [round(float(x), 2) for x in values] for stage, values in (("pre", pre), ("post", post))}
+    print(f"\n{label}: rewrite_acc pre {rounded['pre']} -> post {rounded['post']}")
     assert sum(post) / len(post) >= 0.9, f"{label}: post-edit rewrite_acc {post} (pre {pre})"
     assert sum(post) > sum(pre), f"{label}: editing did not raise rewrite_acc ({pre} -> {post})"
 
@@ -523,7 +524,7 @@ def test_mose_sequential_edit(registered, model_dir, stats_dir, counterfact, wor
 @easyedit_checkout
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_mose_non_sequential_edit_restores_the_model(registered, model_dir, stats_dir, counterfact, workdir,
-                                                    padding_side):
+                                                     padding_side):
     editor = _editor(_our_hparams("MOSE", registered, model_dir, stats_dir))
     editor.tok.padding_side = padding_side  # right: what BaseEditor gives MEMIT/ROME/... on llama models
     before = _snapshot(editor.model)
@@ -581,7 +582,7 @@ def _easyedit_hparams(name: str, model_dir: Path, stats_dir: Path):
 @pytest.mark.parametrize("name", ["MEMIT", "AlphaEdit"])
 @pytest.mark.parametrize("implementation", ["easyedit", "ours"])
 def test_easyedits_method_and_ours_on_the_same_requests(name, implementation, registered, model_dir, stats_dir,
-                                                         counterfact, workdir):
+                                                        counterfact, workdir):
     if implementation == "ours":
         hparams = _ours_with_settings(name, registered, model_dir, stats_dir)
         label = f"ours ({hparams.alg_name})"

@@ -30,7 +30,7 @@ from mose_easyedit.methods.rome import ROME_METHOD
 from mose_easyedit.requests import validate_requests
 from mose_easyedit.keys import model_cache
 from mose_easyedit.rules import (alphaedit_delta, alphaedit_inverse, null_space_projector, prune_restrain,
-                                  rect_kept_count)
+                                 rect_kept_count)
 from mose_easyedit.session import EditSession, get_session
 from mose_easyedit.stats import second_moments
 
@@ -216,7 +216,6 @@ def test_alphaedit_moment_grows_by_batch_keys_and_resets_with_a_new_run(tokenize
     assert_moment({layer: fresh[layer] @ fresh[layer].T for layer in hp.layers})
 
 
-
 def test_alphaedit_carried_inverse_edits_as_the_direct_solve(tokenizer, monkeypatch):
     """Sequential AlphaEdit with the carried (Woodbury) inverse writes the weights of the p×p solve of every call,
     and the carried inverse stays the inverse of the session's K_p K_pᵀ P + L2·I."""
@@ -248,6 +247,7 @@ def test_alphaedit_carried_inverse_edits_as_the_direct_solve(tokenizer, monkeypa
         carried, solved = model.get_parameter(name).detach(), direct.get_parameter(name).detach()
         assert not torch.equal(carried, build_tiny_model("llama", len(tokenizer)).get_parameter(name))
         assert torch.allclose(carried, solved, rtol=1e-5, atol=1e-5 * float(solved.abs().max()))
+
 
 def test_prune_model_holds_restrained_change_and_edits_continue_from_raw(tokenizer, monkeypatch):
     model = build_tiny_model("llama", len(tokenizer))

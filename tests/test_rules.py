@@ -307,7 +307,6 @@ def test_alphaedit_delta_lies_in_projector_range():
         rules.alphaedit_delta(residual, K, P, prior[:-1], l2=1.0)
 
 
-
 def test_alphaedit_carried_inverse_matches_the_solve_over_a_sequence():
     basis = random_orthogonal(IN_DIM, 40)
     C = (basis * torch.logspace(-4, 1, IN_DIM, dtype=F64)) @ basis.T
@@ -328,6 +327,7 @@ def test_alphaedit_carried_inverse_matches_the_solve_over_a_sequence():
     assert max_abs(inverse - direct) < 1e-10 * max_abs(direct)
     with pytest.raises(ValueError, match="inverse"):
         rules.alphaedit_carried_delta(residual, K, P, inverse[:-1])
+
 
 def test_alphaedit_grow_moment_adds_key_outer_products():
     prior = key_moment(IN_DIM, 17)

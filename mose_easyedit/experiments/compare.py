@@ -56,8 +56,8 @@ def comparison_table(summaries: Sequence[Mapping]) -> str:
         before = general.get("before") or {}
         if before and summary["model"] not in shown_before:
             shown_before.add(summary["model"])
-            lines.append("| " + " | ".join(["(unedited)", summary["model"], "", "0", "", "", "", ""]
-                                          + [_number(before.get(t)) for t in tasks] + [""]) + " |")
+            cells = ["(unedited)", summary["model"], "", "0", "", "", "", ""]
+            lines.append("| " + " | ".join(cells + [_number(before.get(t)) for t in tasks] + [""]) + " |")
         metrics = summary.get("metrics") or {}
         after = general.get("after") or {}
         method = summary["method"] + (f" ({summary['ablation']})" if summary.get("ablation") else "")

@@ -65,8 +65,8 @@ LOADERS = {"counterfact": load_counterfact, "zsre": load_zsre, "conceptedit": lo
            "auto": load_dataset}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: Keys that may change between a run and its resumption without changing its results.
-RUNTIME_KEYS = ("num_threads", "general_cache", "checkpoint_every", "keep_checkpoint", "progress", "log_level", "output_dir",
-                "data_dir", "data.path", "hparams_file")
+RUNTIME_KEYS = ("num_threads", "general_cache", "checkpoint_every", "keep_checkpoint", "progress", "log_level",
+                "output_dir", "data_dir", "data.path", "hparams_file")
 
 CONFIG_FILE, HPARAMS_FILE, RESULTS_FILE, SUMMARY_FILE = "config.yaml", "hparams.yaml", "results.jsonl", "summary.json"
 CHECKPOINT_FILE, PROGRESS_FILE, LOG_FILE = "checkpoint.pt", "progress.json", "run.log"
@@ -278,7 +278,7 @@ def touchable_layers(hparams, total: int) -> list[int]:
     if getattr(hparams, "layer_selection", False):
         for candidate in getattr(hparams, "candidate_layers", None) or []:
             layers.update(layer_window(candidate, getattr(hparams, "neighbours", 0), total))
-    return sorted(l for l in layers if 0 <= l < total)
+    return sorted(layer for layer in layers if 0 <= layer < total)
 
 
 # ------------------------------------------------------------------------------------------------------- model

@@ -96,7 +96,7 @@ class MOSE(Method):
             ctx.diagnostics["layer_scores"] = None
             return window
         # every layer a window can reach, so statistics are gathered in one corpus pass
-        reachable = sorted({l for c in hp.candidate_layers for l in layer_window(c, hp.neighbours, total)})
+        reachable = sorted({layer for c in hp.candidate_layers for layer in layer_window(c, hp.neighbours, total)})
         ctx.second_moments(reachable)
         keys, _, _ = ctx.keys(hp.candidate_layers)
         scores = {}

@@ -351,9 +351,9 @@ class MOSEOFT(Method):
         """W ← W M for the layer's trained input rotation (blocks of M), written through ``ctx.write``."""
         W = ctx.weight(layer)
         new = rotate_inputs(W, blocks)
+        identity = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
         diagnostics = dict(orthogonality_error=orthogonality_error(blocks),
-                           rotation_distance=float((blocks - torch.eye(blocks.shape[-1], dtype=blocks.dtype,
-                                                                        device=blocks.device)).norm()),
+                           rotation_distance=float((blocks - identity).norm()),
                            relative_change=float((new - W).norm() / W.norm()))
         ctx.diagnostics["per_layer"][layer] = diagnostics
         if not torch.isfinite(new).all():
