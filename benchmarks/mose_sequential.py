@@ -1,7 +1,8 @@
 """MOSE single-sequential editing on the embedded model: seconds per edit and retention.
 
 Edits the first ``--n`` CounterFact cases one after another, then reports, per configuration:
-median / mean seconds per edit with the keys / targets / update split, how many targets are still reproduced
+median / mean seconds per edit with the keys / targets / update split, the mean number of Adam steps of the
+target optimisation per edit (what the targets cost, whatever the machine), how many targets are still reproduced
 after the last edit (every target token the teacher-forced argmax), reliability / generalization / locality
 (EasyEdit's convention, locality against the unedited model), and the largest relative
 change of ‖W‖_F and κ₂ over the edited matrices. ``--protect both`` runs with and without protection of earlier
@@ -61,6 +62,7 @@ def run(model, tok, cases, hp) -> dict:
     stages = {k: statistics.median(h["seconds"][k] for h in history) for k in ("keys", "targets", "update")}
     return {
         "median_s": statistics.median(seconds), "mean_s": statistics.fmean(seconds), **stages,
+        "steps": statistics.fmean(sum(h["target_steps"]) for h in history),
         "retained": sum(a == 1.0 for a in accuracy), "n": len(cases),
         "reliability": metrics["reliability"], "generalization": metrics.get("generalization", float("nan")),
         "locality": metrics.get("locality", float("nan")), "norm_drift": drift_norm, "kappa_drift": drift_kappa,
@@ -109,12 +111,12 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()} thread(s), torch {torch.__version__}"
           + (f", overrides {overrides}" if overrides else ""))
     print("| protect | λ | retained after last edit | reliability | generalization | locality | median s/edit | "
-          "keys s | targets s | update s | max ‖W‖ drift | max κ₂ drift |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "keys s | targets s | target steps | update s | max ‖W‖ drift | max κ₂ drift |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for protect, lam, r in rows:
         print(f"| {'on' if protect else 'off'} | {lam:g} | {r['retained']}/{r['n']} | {r['reliability']:.3f} | "
               f"{r['generalization']:.3f} | {r['locality']:.3f} | "
-              f"{r['median_s']:.2f} | {r['keys']:.2f} | {r['targets']:.2f} | {r['update']:.2f} | "
+              f"{r['median_s']:.2f} | {r['keys']:.2f} | {r['targets']:.2f} | {r['steps']:.1f} | {r['update']:.2f} | "
               f"{r['norm_drift']:.1e} | {r['kappa_drift']:.1e} |")
     return 0
 
