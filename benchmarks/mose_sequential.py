@@ -22,9 +22,7 @@ from pathlib import Path
 
 import torch
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data"
+from _embedded import DEFAULT_DATA
 
 logger = logging.getLogger("benchmarks.mose_sequential")
 
