@@ -114,10 +114,10 @@ class EditContext:
             h = traced[("output", outputs[0])][bare].T.double() if outputs else None
         return keys, keys_bare, h
 
-    def targets(self, layer: int, clamp_reference: str = "residual") -> TargetResult:
+    def targets(self, layer: int, clamp_reference: str = "residual", project=None) -> TargetResult:
         with self.timed("targets"):
             return optimize_targets(self.model, self.tok, self.requests, layer, self.hparams, self.families,
-                                    clamp_reference)
+                                    clamp_reference, project=project)
 
 
 Rule = Callable[[EditContext, LayerBatch], torch.Tensor]
@@ -156,13 +156,18 @@ class Method:
     def rule(self, ctx: EditContext, batch: LayerBatch) -> torch.Tensor:
         raise NotImplementedError
 
+    def reach(self, ctx: EditContext, window: list[int]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The projection of the target optimisation's δ onto what the rule can deliver (``target_reach``);
+        None: unconstrained."""
+        return None
+
     def edit(self, ctx: EditContext) -> None:
         window = self.window(ctx)
         if max(window) >= num_layers(ctx.model) - 1:
             raise ValueError(f"{self.name}: layer window {window} reaches the last layer; a change there cannot "
                              f"influence later tokens, so the top edited layer must be below "
                              f"{num_layers(ctx.model) - 1}")
-        target = ctx.targets(max(window), self.clamp_reference)
+        target = ctx.targets(max(window), self.clamp_reference, self.reach(ctx, window))
         ctx.diagnostics.update(layers=window, target_loss=target.losses, target_steps=target.steps,
                                delta_norm=target.delta.norm(dim=0).tolist())
         spread_update(ctx, window, self.rule, target)

@@ -17,6 +17,7 @@ import yaml
 
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 HPARAMS_ROOT = Path(__file__).resolve().parents[1] / "hparams"
+EARLY_STOPS = ("loss", "nll", "most_probable")
 
 
 def _resolve_path(path: str | Path, alg_name: str) -> Path:
@@ -158,8 +159,11 @@ class LocateEditHyperParams(HyperParams):
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     target_early_stop: float = 5e-2
-    # What must fall below target_early_stop: "loss" (EasyEdit: NLL + KL + decay) or "nll" (the edit term alone).
+    # When the target optimisation stops: "loss" (EasyEdit: NLL + KL + decay below target_early_stop), "nll"
+    # (the edit term alone below it) or "most_probable" (ENCORE's MPES: every target token is the argmax in every
+    # rewriting prompt, by at least target_margin in probability).
     early_stop_on: str = "loss"
+    target_margin: float = 0.0
     context_template_length_params: list[list[int]] = dataclasses.field(default_factory=lambda: [[10, 5]])
     # Covariance statistics of keys.
     mom2_adjustment: bool = True
@@ -180,8 +184,11 @@ class LocateEditHyperParams(HyperParams):
             raise ValueError(f"{source}: key 'layers' must list at least one layer")
         if self.fact_token != "subject_last":
             raise ValueError(f"{source}: key 'fact_token' supports only 'subject_last', got {self.fact_token!r}")
-        if self.early_stop_on not in ("loss", "nll"):
-            raise ValueError(f"{source}: key 'early_stop_on' must be 'loss' or 'nll', got {self.early_stop_on!r}")
+        if self.early_stop_on not in EARLY_STOPS:
+            raise ValueError(f"{source}: key 'early_stop_on' must be one of {list(EARLY_STOPS)}, "
+                             f"got {self.early_stop_on!r}")
+        if not 0.0 <= self.target_margin < 1.0:
+            raise ValueError(f"{source}: key 'target_margin' must be in [0, 1), got {self.target_margin}")
         if self.mom2_dtype not in ("float32", "float64"):
             raise ValueError(f"{source}: key 'mom2_dtype' must be float32 or float64")
         for key in ("v_num_grad_steps", "mom2_n_samples", "mom2_sample_length", "chunk_size"):

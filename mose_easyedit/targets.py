@@ -16,8 +16,10 @@ never see δ either: on decoder families whose blocks take the embeddings unchan
 their output is computed once and every step runs only the blocks above ``layer``. A request leaves the batch as
 soon as it meets the early-stop criterion, so a batch costs the sum of its requests' steps, not the slowest one's
 times the batch size. ``early_stop_on`` chooses the criterion: ``"loss"`` (EasyEdit: the whole objective below
-``target_early_stop``) or ``"nll"`` (only its edit term, the target NLL, below it; the KL term is a regulariser
-that on some models never falls below the threshold, which makes every edit run all steps).
+``target_early_stop``), ``"nll"`` (only its edit term, the target NLL, below it; the KL term is a regulariser
+that on some models never falls below the threshold, which makes every edit run all steps) or
+``"most_probable"`` (ENCORE's MPES: every target token is the argmax at its position in every rewriting prompt,
+ahead of the runner-up by ``target_margin`` in probability).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import contextlib
 import copy
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -195,8 +197,12 @@ class _Runner:
 
 def optimize_targets(model, tok, requests: Sequence[EditRequest], layer: int, hparams,
                      families: list[list[str]], clamp_reference: str = "residual",
-                     use_prefix_cache: bool = True, skip_lower_layers: bool = True) -> TargetResult:
-    """Optimise z at block ``layer`` for every request jointly (each request has its own δ)."""
+                     use_prefix_cache: bool = True, skip_lower_layers: bool = True,
+                     project: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TargetResult:
+    """Optimise z at block ``layer`` for every request jointly (each request has its own δ).
+
+    ``project`` (optional) maps δ (n, d) to the nearest δ the update rule can deliver; it is applied after the
+    norm clamp at every step, so the optimisation runs inside that set (``target_reach``)."""
     layer_name = hparams.layer_module_tmp.format(layer)
     module_name = hparams.rewrite_module_tmp.format(layer)
     prefixes = [p for family in families for p in family]
@@ -230,7 +236,8 @@ def optimize_targets(model, tok, requests: Sequence[EditRequest], layer: int, hp
         kl_reference = F.log_softmax(first_logits[full_layout.n_loss:].detach().float(), dim=-1)
         reference = module_output if clamp_reference == "module_output" else init
         max_norm = hparams.clamp_norm_factor * reference.norm(dim=1)
-        stop_on_nll = getattr(hparams, "early_stop_on", "loss") == "nll"
+        criterion = getattr(hparams, "early_stop_on", "loss")
+        margin = float(getattr(hparams, "target_margin", 0.0))
 
         optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
         done = torch.zeros(n, dtype=torch.bool, device=device)
@@ -247,7 +254,10 @@ def optimize_targets(model, tok, requests: Sequence[EditRequest], layer: int, hp
             decay = hparams.v_weight_decay * delta[active].norm(dim=1) / init[active].norm(dim=1) ** 2
             loss = nll + hparams.kl_factor * kl + decay
             losses[active] = loss.detach()
-            met = (nll if stop_on_nll else loss).detach() < hparams.target_early_stop
+            if criterion == "most_probable":
+                met = layout.most_probable(logits, margin)
+            else:
+                met = (nll if criterion == "nll" else loss).detach() < hparams.target_early_stop
             done[active[met]] = True
             if bool(done.all()) or step == hparams.v_num_grad_steps - 1:
                 break
@@ -261,6 +271,8 @@ def optimize_targets(model, tok, requests: Sequence[EditRequest], layer: int, hp
                 norms = delta.norm(dim=1)
                 scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
                 delta.mul_(scale[:, None])
+                if project is not None:
+                    delta[~done] = project(delta.detach())[~done].to(delta.dtype)
         del runner, full, first_logits
     z = (init + delta.detach()).float()
     logger.debug("targets at layer %d: loss %s after %s steps", layer, losses.tolist(), steps.tolist())
@@ -292,6 +304,17 @@ class _Layout:
                                          device=device, dtype=torch.long)
         self.kl_requests = torch.tensor(requests, device=device)
         self.prompts_per_request = torch.bincount(self.rewrite_slot, minlength=len(requests)).float()
+
+    def most_probable(self, logits: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+        """Per request: is every target token the argmax in every rewriting prompt, its probability ahead of
+        every other token's by at least ``margin`` (ENCORE's most-probable early stopping)?"""
+        probs = F.softmax(logits[:self.n_loss].detach().float(), dim=-1)
+        target = probs.gather(1, self.tokens[:, None]).squeeze(1)
+        others = probs.scatter(1, self.tokens[:, None], -1.0).max(dim=1).values
+        ok = target - others > margin
+        failed = torch.zeros(len(self.requests), device=logits.device).index_add(
+            0, self.rewrite_slot[self.rows[:self.n_loss]], (~ok).float())
+        return failed == 0
 
     def loss_terms(self, logits: torch.Tensor, kl_reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-request mean target NLL (over prompts, each normalised by its target length) and KL(p_orig ‖ p_δ)."""

@@ -252,3 +252,42 @@ def test_early_stop_on_nll_stops_earlier_than_on_the_whole_loss(tokenizer):
     assert steps["nll"] < steps["loss"], steps
     with pytest.raises(ValueError, match="early_stop_on"):
         tiny_hparams(MOSEHyperParams, "llama", early_stop_on="kl")
+
+
+def test_most_probable_criterion_asks_every_target_token_to_lead_by_the_margin():
+    from mose_easyedit.targets import _Layout
+
+    # two requests, two rewriting rows each (one target token per row), then one KL row per request
+    row_owner = [0, 0, 1, 1, 0, 1]
+    loss_entries = [(0, 0, 3), (1, 0, 3), (2, 0, 1), (3, 0, 1)]
+    kl_entries = [(4, 0), (5, 0)]
+    layout = _Layout([0, 1], row_owner, loss_entries, kl_entries, [1, 1, 1, 1, 1, 1], torch.device("cpu"))
+    logits = torch.zeros(6, 5)
+    logits[0, 3] = logits[1, 3] = 2.0        # request 0: its token leads in both prompts
+    logits[2, 1] = 2.0                        # request 1: leads in one prompt ...
+    logits[3, 1], logits[3, 4] = 1.0, 1.5    # ... and is second in the other
+    assert layout.most_probable(logits).tolist() == [True, False]
+    probs = torch.softmax(logits[0], -1)
+    lead = float(probs[3] - probs[:3].max())
+    assert layout.most_probable(logits, margin=lead - 1e-3).tolist() == [True, False]
+    assert layout.most_probable(logits, margin=lead + 1e-3).tolist() == [False, False]
+
+
+@pytest.mark.slow
+def test_most_probable_stop_ends_before_a_tight_nll_stop_on_the_embedded_model(default_model):
+    from mose_easyedit.targets import optimize_targets
+
+    model, tok = default_model
+    base = MOSEHyperParams.from_hparams("smollm2-135m")
+    families = context_templates(model, tok, base.context_template_length_params)
+    requests = validate_requests([{"prompt": "The Eiffel Tower is located in the city of", "subject": "Eiffel Tower",
+                                   "target_new": "Rome"}])
+    steps = {}
+    for criterion, margin in (("nll", 0.0), ("most_probable", 0.0), ("most_probable", 0.5)):
+        hp = MOSEHyperParams.from_dict({**base.to_dict(), "early_stop_on": criterion, "target_early_stop": 1e-3,
+                                        "target_margin": margin})
+        steps[(criterion, margin)] = optimize_targets(model, tok, requests, 8, hp, families).steps[0]
+    assert steps[("most_probable", 0.0)] < steps[("nll", 0.0)], steps
+    assert steps[("most_probable", 0.0)] <= steps[("most_probable", 0.5)], steps
+    with pytest.raises(ValueError, match="target_margin"):
+        tiny_hparams(MOSEHyperParams, "llama", target_margin=1.5)

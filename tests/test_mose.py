@@ -204,3 +204,28 @@ def test_carried_preservation_moment_matches_a_rebuild(tokenizer):
         carried = state["preservation"][module][1]
         assert state["protected_keys"][module].shape[1] == 2
         assert float((carried - rebuilt).norm() / rebuilt.norm()) < 1e-5
+
+
+# sha256 of the tiny models' state after the edits below, as the code of commit 2aa2e21 (before the input side,
+# target_reach and most-probable stopping existed) computes them; the defaults must still reproduce them.
+PAPER_MOSE_DIGESTS = {
+    "llama": "1361a18d52f95f0e0c77fe9687d829c2021ab9a764863127a8dc232afad109ee",
+    "gpt2": "d94d7c5847003d5bf228ae2a8e6c3feee4535f175f04ecc0a877c0f0bc0f3d63",
+}
+
+
+@pytest.mark.parametrize("family", sorted(PAPER_MOSE_DIGESTS))
+def test_paper_side_with_free_targets_reproduces_the_earlier_results_bit_for_bit(tokenizer, family):
+    import hashlib
+
+    torch.set_num_threads(1)
+    model = build_tiny_model(family, len(tokenizer))
+    hp = tiny_hparams(MOSEHyperParams, family, rotation_side="output", target_reach="free")
+    for request in REQUESTS:
+        apply_mose_to_model(model, tokenizer, [request], hp)
+    apply_mose_to_model(model, tokenizer, REQUESTS, hp)
+    digest = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(p.detach().contiguous().numpy().tobytes())
+    assert digest.hexdigest() == PAPER_MOSE_DIGESTS[family]

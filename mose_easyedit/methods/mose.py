@@ -18,11 +18,14 @@ import torch
 
 from ..editor import EditContext, LayerBatch, Method
 from ..hparams import LocateEditHyperParams
+from ..input_rotation import (Reader, aimed_null_plane, aimed_plane, minus_span, orthonormal_columns, plane_rotate,
+                              project_to_reach, project_to_spheres)
 from ..keys import model_cache
 from ..modeling import num_layers, read_weight, write_weight
 from ..rules import (POLAR_METHODS, preservation_moment, procrustes_diagnostics, procrustes_rotation,
                      propagate_preservation_moment)
 from ..session import get_session
+from .alphaedit import null_space
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +48,30 @@ class MOSEHyperParams(LocateEditHyperParams):
     protect_weight: float = 1.0
     # Polar factor of M: "svd" (the paper), "eigh" or "newton_schulz" (same R, see benchmarks).
     polar_method: str = "svd"
-    # How many edit calls can be undone (each keeps a float32 d×d rotation per edited layer on the CPU).
+    # How many edit calls can be undone (each keeps a float32 d×d rotation, or the input side's planes, per
+    # edited layer on the CPU).
     undo_history: int = 32
+    # "output": W ← R W, R ∈ O(d) by Procrustes (the paper). "input": W ← W Q, Q ∈ O(p) a plane rotation per
+    # edit key (mose_easyedit/input_rotation.py); both keep every singular value of W.
+    rotation_side: str = "output"
+    # Input side: the subspace the key turns in. "null_w": a in null(W) ⊥ earlier edit keys (W a = 0), the
+    # reading direction b anywhere ⊥ a; "null_c": a and b in the span of C's eigenvectors with eigenvalue
+    # below nullspace_threshold (AlphaEdit's projector), ⊥ earlier edit keys, so protected keys keep their
+    # outputs exactly and generic keys nearly so.
+    input_subspace: str = "null_w"
+    nullspace_threshold: float = 2e-2
+    # Input side, null_w: keep b ⊥ earlier edit keys too (their outputs then stay exact, at a cost in reach).
+    protect_reading: bool = False
+    # Input side: each layer is asked for its even share of z − h ("even", MEMIT) or for all of what is left
+    # ("greedy"; a layer that cannot reach it moves as far as it can and the layers above take the rest).
+    input_spread: str = "even"
+    # Keys of earlier edits kept for protection: as recorded during their edit ("recorded") or recomputed on the
+    # edited model after each call ("recomputed", AlphaEdit).
+    protect_keys: str = "recorded"
+    # Target optimisation: "free" (MEMIT's δ) or "rotation" (δ projected at every step onto what the window's
+    # rotations can deliver: the output side's share keeps ‖W k + r‖ = ‖W k‖, the input side's stays within
+    # the planes' reach).
+    target_reach: str = "free"
 
     def validate(self, source: str = "<hparams>") -> None:
         super().validate(source)
@@ -62,6 +87,14 @@ class MOSEHyperParams(LocateEditHyperParams):
             raise ValueError(f"{source}: key 'polar_method' must be one of {list(POLAR_METHODS)}")
         if self.undo_history < 0:
             raise ValueError(f"{source}: key 'undo_history' must be >= 0")
+        choices = {"rotation_side": ("output", "input"), "input_subspace": ("null_w", "null_c"),
+                   "input_spread": ("even", "greedy"), "protect_keys": ("recorded", "recomputed"),
+                   "target_reach": ("free", "rotation")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{source}: key '{key}' must be one of {list(allowed)}, got {getattr(self, key)!r}")
+        if not self.nullspace_threshold > 0:
+            raise ValueError(f"{source}: key 'nullspace_threshold' must be > 0")
 
     def layer_fields(self) -> tuple[str, ...]:
         return ("layers", "candidate_layers") if self.layer_selection else ("layers",)
@@ -111,13 +144,18 @@ class MOSE(Method):
         return layer_window(best, hp.neighbours, total)
 
     def rule(self, ctx: EditContext, batch: LayerBatch) -> torch.Tensor:
+        if ctx.hparams.rotation_side == "input":
+            return self.input_rule(ctx, batch)
+        return self.output_rule(ctx, batch)
+
+    def output_rule(self, ctx: EditContext, batch: LayerBatch) -> torch.Tensor:
         hp = ctx.hparams
         W, K, values = batch.W, batch.K, batch.values
         gamma = hp.protect_weight if hp.protect_edits else 0.0
         setting = (hp.mose_lambda, gamma)
         # G = W (λC + γ K_p K_pᵀ) Wᵀ is carried across edits (R G Rᵀ after each rotation) instead of rebuilt
         cached = ctx.session.state.setdefault("preservation", {}).get(batch.module)
-        if cached is not None and cached[0] == setting:
+        if cached is not None and cached[0] == setting and hp.protect_keys == "recorded":
             G = cached[1].to(W.device)
         else:
             C = ctx.second_moments([batch.layer])[batch.layer].to(W.device)
@@ -134,9 +172,92 @@ class MOSE(Method):
                                                                    carried)
         return new_weight
 
+    def input_rule(self, ctx: EditContext, batch: LayerBatch) -> torch.Tensor:
+        """W ← W Q: one aimed plane rotation per request (input_rotation.py), each plane ⊥ the keys of earlier
+        edits and of the batch's earlier requests, so their outputs do not move."""
+        hp = ctx.hparams
+        W, K = batch.W, batch.K
+        residual = batch.residual
+        if hp.input_spread == "greedy":
+            residual = residual * (len(batch.window) - batch.position)
+        values = W @ K + residual
+        earlier = ctx.session.state.get("protected_keys", {}).get(batch.module)
+        protected = earlier.to(W.device, torch.float64) if earlier is not None else K[:, :0]
+        planes, records = [], []
+        for j in range(K.shape[1]):
+            k = K[:, j]
+            allowed, reading = self.key_subspaces(ctx, batch.layer, W, k, protected)
+            direction = allowed(k)
+            norm = float(direction.norm())
+            plane = None
+            if norm > 1e-12 * float(k.norm()):
+                aim = aimed_plane if hp.input_subspace == "null_c" else aimed_null_plane
+                plane = aim(W, k, values[:, j] - W @ k, direction / norm, reading)
+            rho = float((values[:, j] - W @ k).norm() / (W @ k).norm())
+            if plane is None:
+                records.append({"rho": rho, "fit_error": 1.0 if rho > 0 else 0.0, "angle": 0.0,
+                                "alpha_over_k": norm / float(k.norm()), "reachable": rho == 0})
+            else:
+                W = plane_rotate(W, plane.a, plane.b, plane.t)
+                planes.append((plane.a.cpu(), plane.b.cpu(), plane.t))
+                records.append({"rho": rho, "fit_error": plane.fit_error, "angle": plane.t,
+                                "alpha_over_k": plane.alpha / float(k.norm()), "reachable": plane.reachable})
+            protected = torch.cat([protected, k[:, None]], dim=1)
+        ctx.diagnostics.setdefault("per_layer", {})[batch.layer] = {
+            key: [record[key] for record in records] for key in records[0]} if records else {}
+        ctx.diagnostics.setdefault("_staged", {})[batch.module] = (planes, K.float().cpu(), None, None)
+        return W
+
+    def key_subspaces(self, ctx: EditContext, layer: int, W: torch.Tensor, k: torch.Tensor,
+                      protected: torch.Tensor):
+        """``(allowed, reading)`` projectors of the input side: ``allowed`` onto the subspace the key's turning
+        direction a comes from, ``reading`` onto the one b may use (⊥ a and k)."""
+        hp = ctx.hparams
+        if hp.input_subspace == "null_c":
+            P = null_space(ctx, layer, W.device)[0].double()
+            base = P.__matmul__
+        else:
+            gram = W @ W.T
+            base = lambda x: x - W.T @ torch.linalg.solve(gram, W @ x)  # noqa: E731  (onto null(W))
+        shield = orthonormal_columns(base(protected))
+        allowed = minus_span(base, shield)
+        a = allowed(k)
+        if hp.input_subspace == "null_c":
+            return allowed, minus_span(base, orthonormal_columns(torch.cat([shield, a[:, None]], dim=1)))
+        avoid = torch.cat([protected, a[:, None]], dim=1) if hp.protect_reading else a[:, None]
+        return allowed, minus_span(lambda x: x, orthonormal_columns(avoid))
+
+    def reach(self, ctx: EditContext, window: list[int]):
+        """``target_reach: rotation``: the projection of δ onto what the window's rotations can deliver, from the
+        keys of the model as it is before this edit (first order: the layers' output changes add up)."""
+        hp = ctx.hparams
+        if hp.target_reach == "free":
+            return None
+        keys, _, _ = ctx.keys(window)
+        if hp.rotation_side == "output":
+            outputs = [ctx.weight(layer) @ keys[layer].to(ctx.weight(layer).device) for layer in window]
+            return lambda delta: project_to_spheres(delta, outputs).to(delta.device)
+        readers, radii = [], []
+        for layer in window:
+            W = ctx.weight(layer)
+            K = keys[layer].to(W.device)
+            earlier = ctx.session.state.get("protected_keys", {}).get(ctx.module(layer))
+            protected = earlier.to(W.device, torch.float64) if earlier is not None else K[:, :0]
+            allowed, _ = self.key_subspaces(ctx, layer, W, K[:, 0], protected)
+            readers.append(Reader.build(W, allowed if hp.input_subspace == "null_c" else (lambda x: x)))
+            radii.append(allowed(K).norm(dim=0))
+        radii = torch.stack(radii)
+        return lambda delta: project_to_reach(delta.to(radii.device), readers, radii).to(delta.device)
+
     def finish(self, ctx: EditContext) -> None:
         hp = ctx.hparams
         staged = ctx.diagnostics.pop("_staged", {})
+
+        if hp.protect_keys == "recomputed":  # the edited keys as the edited model now computes them
+            window = ctx.diagnostics["layers"]
+            fresh, _, _ = ctx.keys(window)
+            staged = {ctx.module(layer): (staged[ctx.module(layer)][0], fresh[layer].float().cpu(),
+                                          *staged[ctx.module(layer)][2:]) for layer in window}
 
         def commit():
             state = ctx.session.state
@@ -144,7 +265,8 @@ class MOSE(Method):
             log = state.setdefault("undo_log", [])
             for module, (_, K, setting, carried) in staged.items():
                 keys[module] = torch.cat([keys[module], K], dim=1) if module in keys else K
-                preservation[module] = (setting, carried)
+                if carried is not None:
+                    preservation[module] = (setting, carried)
             log.append({module: (R, K.shape[1]) for module, (R, K, _, _) in staged.items()})
             del log[:max(0, len(log) - hp.undo_history)]
 
@@ -180,7 +302,13 @@ def undo_mose_edits(model, steps: int = 1) -> int:
         entry = log.pop()
         for module, (R, count) in entry.items():
             weight = read_weight(model, module)
-            write_weight(model, module, R.to(weight.device, torch.float64).T @ weight.double())
+            if isinstance(R, list):  # input side: the planes in reverse order, each turned back
+                restored = weight.double()
+                for a, b, t in reversed(R):
+                    restored = plane_rotate(restored, a.to(weight.device), b.to(weight.device), -t)
+                write_weight(model, module, restored)
+            else:
+                write_weight(model, module, R.to(weight.device, torch.float64).T @ weight.double())
             keys = session.state["protected_keys"]
             keys[module] = keys[module][:, :keys[module].shape[1] - count]
             session.state["preservation"].pop(module, None)  # rebuilt from the remaining keys when next needed

@@ -1,0 +1,198 @@
+"""Input-side MOSE (W ← W Q): the plane rotation, the aimed plane, the reachable-target projections, and the
+method end to end on a tiny model (undo, atomicity, spectrum, protection of earlier keys)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import REQUESTS, assert_bit_identical, build_tiny_model, snapshot, target_logprob, tiny_hparams
+
+import mose_easyedit as me
+from mose_easyedit.input_rotation import (Reader, aimed_null_plane, aimed_plane, minus_span, orthonormal_columns,
+                                          plane_rotate, plane_rotation_matrix, project_to_reach, project_to_spheres)
+from mose_easyedit.methods.mose import MOSEHyperParams, apply_mose_to_model, undo_mose_edits
+from mose_easyedit.modeling import read_weight
+from mose_easyedit.session import get_session
+
+
+def _problem(d=6, p=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(d, p, generator=g, dtype=torch.float64)
+    k = torch.randn(p, generator=g, dtype=torch.float64)
+    return W, k, g
+
+
+def _null_w_subspaces(W, k):
+    gram = W @ W.T
+
+    def null(x):
+        return x - W.T @ torch.linalg.solve(gram, W @ x)
+
+    a = null(k)
+    a = a / a.norm()
+    return a, minus_span(lambda x: x, a[:, None])
+
+
+def test_plane_rotation_rank_two_form_equals_the_explicit_product_and_keeps_every_singular_value():
+    W, k, g = _problem()
+    a = torch.randn(16, generator=g, dtype=torch.float64)
+    a = a / a.norm()
+    b = torch.randn(16, generator=g, dtype=torch.float64)
+    b = b - (a @ b) * a
+    b = b / b.norm()
+    for t in (0.3, 1.2, -2.5, math.pi):
+        Q = plane_rotation_matrix(a, b, t)
+        torch.testing.assert_close(Q.T @ Q, torch.eye(16, dtype=torch.float64), rtol=0, atol=1e-12)
+        rotated = plane_rotate(W, a, b, t)
+        torch.testing.assert_close(rotated, W @ Q, rtol=0, atol=1e-12)
+        torch.testing.assert_close(torch.linalg.svdvals(rotated), torch.linalg.svdvals(W), rtol=1e-9, atol=0)
+        # turned back exactly
+        torch.testing.assert_close(plane_rotate(rotated, a, b, -t), W, rtol=0, atol=1e-12)
+
+
+def test_aimed_plane_meets_a_reachable_request_exactly_with_the_smallest_angle():
+    W, k, g = _problem()
+    a, reading = _null_w_subspaces(W, k)
+    alpha = float(a @ k)
+    direction = torch.randn(6, generator=g, dtype=torch.float64)
+    reach = float(torch.linalg.pinv(W) @ direction @ (torch.linalg.pinv(W) @ direction)) ** 0.5
+    r = direction * (0.5 * alpha / reach)  # half of what a quarter turn can deliver
+    plane = aimed_null_plane(W, k, r, a, reading)
+    assert plane.reachable
+    new = plane_rotate(W, plane.a, plane.b, plane.t)
+    torch.testing.assert_close(new @ k - W @ k, r, rtol=0, atol=1e-6 * float(r.norm()))
+    assert plane.fit_error < 1e-6 and abs(float(plane.a @ plane.b)) < 1e-12
+    # the smallest exact angle: below the angle of the largest progress, atan2(α, β)
+    assert 0 < plane.t < math.atan2(plane.alpha, float(plane.b @ k))
+
+
+def test_aimed_plane_with_a_reading_orthogonal_to_the_key_meets_a_reachable_request_exactly():
+    W, k, g = _problem(p=20, seed=5)
+    basis = orthonormal_columns(torch.randn(20, 12, generator=g, dtype=torch.float64))
+    a = basis @ (basis.T @ k)
+    a = a / a.norm()
+    reading = minus_span(lambda x: basis @ (basis.T @ x), a[:, None])
+    r = 0.02 * torch.randn(6, generator=g, dtype=torch.float64) * float((W @ k).norm())
+    plane = aimed_plane(W, k, r, a, reading)
+    assert plane.reachable and plane.fit_error < 1e-6
+    new = plane_rotate(W, plane.a, plane.b, plane.t)
+    torch.testing.assert_close(new @ k - W @ k, r, rtol=0, atol=1e-6 * float(r.norm()))
+    assert abs(float(plane.b @ k)) < 1e-9
+    # the smallest exact angle: a slightly smaller turn in the best plane cannot meet r
+    assert plane.t > 0
+
+
+def test_aimed_plane_out_of_reach_moves_partway_and_never_away():
+    W, k, g = _problem(seed=1)
+    a, reading = _null_w_subspaces(W, k)
+    r = 50.0 * torch.randn(6, generator=g, dtype=torch.float64) * float((W @ k).norm())
+    plane = aimed_null_plane(W, k, r, a, reading)
+    assert not plane.reachable
+    new = plane_rotate(W, plane.a, plane.b, plane.t)
+    error = float((new @ k - W @ k - r).norm() / r.norm())
+    assert error == pytest.approx(plane.fit_error, rel=1e-9)
+    assert 0.0 < error < 1.0
+    assert aimed_null_plane(W, k, torch.zeros(6, dtype=torch.float64), a, reading) is None
+
+
+def test_null_c_plane_keeps_keys_outside_its_subspace_exactly():
+    W, k, g = _problem(p=20, seed=2)
+    basis = orthonormal_columns(torch.randn(20, 10, generator=g, dtype=torch.float64))
+
+    def P(x):
+        return basis @ (basis.T @ x)
+
+    protected = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    shield = orthonormal_columns(P(protected))
+    allowed = minus_span(P, shield)
+    a = allowed(k)
+    a = a / a.norm()
+    reading = minus_span(P, orthonormal_columns(torch.cat([shield, a[:, None]], dim=1)))
+    r = 0.05 * torch.randn(6, generator=g, dtype=torch.float64)
+    plane = aimed_plane(W, k, r, a, reading)
+    new = plane_rotate(W, plane.a, plane.b, plane.t)
+    outside = torch.randn(20, 4, generator=g, dtype=torch.float64)
+    outside = outside - basis @ (basis.T @ outside)
+    torch.testing.assert_close(new @ outside, W @ outside, rtol=0, atol=1e-10)
+    torch.testing.assert_close(new @ protected, W @ protected, rtol=0, atol=1e-10)
+    assert plane.fit_error < 1.0
+
+
+def test_projection_onto_the_output_spheres_gives_shares_a_rotation_can_deliver():
+    g = torch.Generator().manual_seed(3)
+    outputs = [torch.randn(8, 2, generator=g, dtype=torch.float64) for _ in range(3)]
+    delta = torch.randn(2, 8, generator=g, dtype=torch.float64)
+    projected = project_to_spheres(delta, outputs, sweeps=200)
+    share = projected.T / 3
+    for u in outputs:
+        torch.testing.assert_close((u + share).norm(dim=0), u.norm(dim=0), rtol=1e-4, atol=0)
+    one = project_to_spheres(delta, outputs[:1], sweeps=1)
+    torch.testing.assert_close((outputs[0] + one.T).norm(dim=0), outputs[0].norm(dim=0), rtol=1e-12, atol=0)
+
+
+def test_projection_onto_the_input_reach_keeps_reachable_targets_and_shrinks_the_others():
+    W, k, g = _problem(seed=4)
+    reader = Reader.build(W, lambda x: x)
+    radii = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
+    inside = (W @ (0.2 * torch.randn(16, generator=g, dtype=torch.float64) / 4)).expand(2, -1).clone()
+    x = torch.linalg.pinv(W) @ inside[0]
+    inside = inside * (0.4 / float(x.norm()))
+    torch.testing.assert_close(project_to_reach(inside, [reader], radii), inside, rtol=0, atol=1e-9)
+    outside = inside * 10
+    projected = project_to_reach(outside, [reader], radii)
+    needed = torch.linalg.pinv(W) @ projected.T  # the minimum-norm key change behind each projected δ
+    assert float(needed.norm(dim=0).max()) <= 0.5 * (1 + 1e-6)
+    # the nearest point of the set: closer than the request scaled back onto its boundary
+    radial = outside * (0.5 / float((torch.linalg.pinv(W) @ outside[0]).norm()))
+    assert float((projected - outside).norm()) < float((radial - outside).norm())
+
+
+@pytest.mark.parametrize("subspace", ["null_w", "null_c"])
+def test_input_side_edit_keeps_spectrum_protects_earlier_keys_and_undoes_exactly(tokenizer, subspace):
+    model = build_tiny_model("llama", len(tokenizer))
+    hp = tiny_hparams(MOSEHyperParams, "llama", rotation_side="input", input_subspace=subspace,
+                      layer_selection=False, layers=[1, 2], nullspace_threshold=1e3, v_lr=0.5,
+                      protect_reading=True)
+    original = snapshot(model)
+    modules = [hp.rewrite_module_tmp.format(layer) for layer in (1, 2)]
+    singular = {m: torch.linalg.svdvals(read_weight(model, m).double()) for m in modules}
+    before = target_logprob(model, tokenizer, REQUESTS[0]["prompt"], "English")
+    apply_mose_to_model(model, tokenizer, [REQUESTS[0]], hp)
+    assert target_logprob(model, tokenizer, REQUESTS[0]["prompt"], "English") > before + 0.25
+    entry = me.edit_history(model)[-1]
+    for layer in (1, 2):
+        diag = entry["per_layer"][layer]
+        assert set(diag) >= {"rho", "fit_error", "angle", "alpha_over_k", "reachable"}
+    after_first = snapshot(model)
+    apply_mose_to_model(model, tokenizer, [REQUESTS[1]], hp)
+    for m in modules:
+        torch.testing.assert_close(torch.linalg.svdvals(read_weight(model, m).double()), singular[m],
+                                   rtol=1e-5, atol=1e-6)
+    session = get_session(model, "MOSE", create=False)
+    keys = session.state["protected_keys"]
+    for m in modules:  # the second edit's planes are ⊥ the first edit's keys: their outputs stay
+        first_key = keys[m][:, :1].double()
+        torch.testing.assert_close(read_weight(model, m).double() @ first_key,
+                                   after_first[m + ".weight"].double() @ first_key, rtol=1e-4, atol=1e-5)
+    undo_mose_edits(model, 2)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, original[name], rtol=0, atol=1e-5)
+
+
+def test_input_side_bad_request_leaves_the_model_bit_identical(tokenizer):
+    model = build_tiny_model("llama", len(tokenizer))
+    hp = tiny_hparams(MOSEHyperParams, "llama", rotation_side="input", target_reach="rotation",
+                      layer_selection=False, layers=[1, 2])
+    apply_mose_to_model(model, tokenizer, [REQUESTS[0]], hp)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="'subject'"):
+        apply_mose_to_model(model, tokenizer, [dict(REQUESTS[1], subject="Big Ben")], hp)
+    assert_bit_identical(model, before)
+
+
+def test_new_options_are_checked_by_name(tokenizer):
+    for key, value in (("rotation_side", "left"), ("input_subspace", "null"), ("input_spread", "all"),
+                       ("protect_keys", "fresh"), ("target_reach", "yes")):
+        with pytest.raises(ValueError, match=key):
+            tiny_hparams(MOSEHyperParams, "llama", **{key: value})
