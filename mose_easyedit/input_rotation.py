@@ -207,6 +207,22 @@ def aimed_null_plane(W: torch.Tensor, k: torch.Tensor, r: torch.Tensor, a: torch
     return Plane(a, b, t, alpha, wanted <= most, float((f * wb - r).norm()) / r_norm)
 
 
+def low_variance_direction(W: torch.Tensor, k: torch.Tensor, C: torch.Tensor, shield: torch.Tensor,
+                           ridge: float) -> torch.Tensor:
+    """a = argmax (aᵀk)² / aᵀ(C / c̄ + ridge·I) a over null(W) ⊥ ``shield`` (orthonormal, inside null(W);
+    c̄ = tr C / p): the turning direction that moves generic keys least per unit of reach (to first order the
+    output of a generic key k' moves by t·(âᵀk')·W b). Returned scaled so that ‖a‖ = âᵀk, the reach α."""
+    basis = torch.linalg.qr(W.T, mode="complete").Q[:, W.shape[0]:]
+    if shield.shape[1]:
+        U = torch.linalg.svd(basis.T @ shield, full_matrices=True).U
+        basis = basis @ U[:, shield.shape[1]:]
+    inner = basis.T @ (C @ basis) / (float(torch.trace(C)) / C.shape[0])
+    eye = torch.eye(inner.shape[0], dtype=C.dtype, device=C.device)
+    direction = basis @ torch.linalg.solve(0.5 * (inner + inner.T) + ridge * eye, basis.T @ k)
+    unit = direction / direction.norm()
+    return unit * float(unit @ k)
+
+
 # ------------------------------------------------------------------------------------------- reachable targets
 def project_to_reach(delta: torch.Tensor, readers: list[Reader], radii: torch.Tensor,
                      sweeps: int = 8) -> torch.Tensor:

@@ -9,8 +9,9 @@ import torch
 from conftest import REQUESTS, assert_bit_identical, build_tiny_model, snapshot, target_logprob, tiny_hparams
 
 import mose_easyedit as me
-from mose_easyedit.input_rotation import (Reader, aimed_null_plane, aimed_plane, minus_span, orthonormal_columns,
-                                          plane_rotate, plane_rotation_matrix, project_to_reach, project_to_spheres)
+from mose_easyedit.input_rotation import (Reader, aimed_null_plane, aimed_plane, low_variance_direction, minus_span,
+                                          orthonormal_columns, plane_rotate, plane_rotation_matrix, project_to_reach,
+                                          project_to_spheres)
 from mose_easyedit.methods.mose import MOSEHyperParams, apply_mose_to_model, undo_mose_edits
 from mose_easyedit.modeling import read_weight
 from mose_easyedit.session import get_session
@@ -119,6 +120,30 @@ def test_null_c_plane_keeps_keys_outside_its_subspace_exactly():
     assert plane.fit_error < 1.0
 
 
+def test_low_variance_direction_trades_reach_for_less_generic_variance():
+    W, k, g = _problem(p=24, seed=6)
+    mix = torch.randn(24, 24, generator=g, dtype=torch.float64)
+    C = mix @ torch.diag(torch.logspace(-3, 1, 24, dtype=torch.float64)) @ mix.T / 24
+    gram = W @ W.T
+    null_part = k - W.T @ torch.linalg.solve(gram, W @ k)
+    shield = orthonormal_columns((lambda x: x - W.T @ torch.linalg.solve(gram, W @ x))(
+        torch.randn(24, 2, generator=g, dtype=torch.float64)))
+
+    def ratio(a):
+        return float(a @ C @ a) / float(a @ k) ** 2
+
+    plain = null_part - shield @ (shield.T @ null_part)
+    previous = None
+    for ridge in (1e3, 1.0, 1e-2):
+        a = low_variance_direction(W, k, C, shield, ridge)
+        assert float((W @ a).norm()) < 1e-10 and float((shield.T @ a).norm()) < 1e-10  # in null(W) ⊥ shield
+        assert float(a.norm()) == pytest.approx(float(a @ k) / float(a.norm()), rel=1e-9)  # ‖a‖ = âᵀk
+        if previous is not None:
+            assert ratio(a) < ratio(previous) and float(a.norm()) < float(previous.norm())
+        previous = a
+    torch.testing.assert_close(low_variance_direction(W, k, C, shield, 1e8), plain, rtol=1e-5, atol=1e-8)
+
+
 def test_projection_onto_the_output_spheres_gives_shares_a_rotation_can_deliver():
     g = torch.Generator().manual_seed(3)
     outputs = [torch.randn(8, 2, generator=g, dtype=torch.float64) for _ in range(3)]
@@ -148,10 +173,10 @@ def test_projection_onto_the_input_reach_keeps_reachable_targets_and_shrinks_the
     assert float((projected - outside).norm()) < float((radial - outside).norm())
 
 
-@pytest.mark.parametrize("subspace", ["null_w", "null_c"])
-def test_input_side_edit_keeps_spectrum_protects_earlier_keys_and_undoes_exactly(tokenizer, subspace):
+@pytest.mark.parametrize("subspace,ridge", [("null_w", None), ("null_w", 1.0), ("null_c", None)])
+def test_input_side_edit_keeps_spectrum_protects_earlier_keys_and_undoes_exactly(tokenizer, subspace, ridge):
     model = build_tiny_model("llama", len(tokenizer))
-    hp = tiny_hparams(MOSEHyperParams, "llama", rotation_side="input", input_subspace=subspace,
+    hp = tiny_hparams(MOSEHyperParams, "llama", rotation_side="input", input_subspace=subspace, input_a_ridge=ridge,
                       layer_selection=False, layers=[1, 2], nullspace_threshold=1e3, v_lr=0.5,
                       protect_reading=True)
     original = snapshot(model)

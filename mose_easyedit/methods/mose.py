@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Optional
 
 import torch
 
 from ..editor import EditContext, LayerBatch, Method
 from ..hparams import LocateEditHyperParams
-from ..input_rotation import (Reader, aimed_null_plane, aimed_plane, minus_span, orthonormal_columns, plane_rotate,
-                              project_to_reach, project_to_spheres)
+from ..input_rotation import (Reader, aimed_null_plane, aimed_plane, low_variance_direction, minus_span,
+                              orthonormal_columns, plane_rotate, project_to_reach, project_to_spheres)
 from ..keys import model_cache
 from ..modeling import num_layers, read_weight, write_weight
 from ..rules import (POLAR_METHODS, preservation_moment, procrustes_diagnostics, procrustes_rotation,
@@ -60,6 +61,9 @@ class MOSEHyperParams(LocateEditHyperParams):
     # outputs exactly and generic keys nearly so.
     input_subspace: str = "null_w"
     nullspace_threshold: float = 2e-2
+    # Input side, null_w: None turns the key's whole null(W) part; ε > 0 turns the direction that moves generic
+    # keys least per unit of reach, argmax (aᵀk)² / aᵀ(C / c̄ + ε I) a (large ε: the whole part again).
+    input_a_ridge: Optional[float] = None
     # Input side, null_w: keep b ⊥ earlier edit keys too (their outputs then stay exact, at a cost in reach).
     protect_reading: bool = False
     # Input side: each layer is asked for its even share of z − h ("even", MEMIT) or for all of what is left
@@ -93,6 +97,8 @@ class MOSEHyperParams(LocateEditHyperParams):
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{source}: key '{key}' must be one of {list(allowed)}, got {getattr(self, key)!r}")
+        if self.input_a_ridge is not None and not self.input_a_ridge > 0:
+            raise ValueError(f"{source}: key 'input_a_ridge' must be > 0 or null")
         if not self.nullspace_threshold > 0:
             raise ValueError(f"{source}: key 'nullspace_threshold' must be > 0")
 
@@ -186,8 +192,7 @@ class MOSE(Method):
         planes, records = [], []
         for j in range(K.shape[1]):
             k = K[:, j]
-            allowed, reading = self.key_subspaces(ctx, batch.layer, W, k, protected)
-            direction = allowed(k)
+            direction, _, reading = self.key_subspaces(ctx, batch.layer, W, k, protected)
             norm = float(direction.norm())
             plane = None
             if norm > 1e-12 * float(k.norm()):
@@ -210,8 +215,9 @@ class MOSE(Method):
 
     def key_subspaces(self, ctx: EditContext, layer: int, W: torch.Tensor, k: torch.Tensor,
                       protected: torch.Tensor):
-        """``(allowed, reading)`` projectors of the input side: ``allowed`` onto the subspace the key's turning
-        direction a comes from, ``reading`` onto the one b may use (⊥ a and k)."""
+        """``(a, allowed, reading)`` of the input side for key ``k``: the unnormalised turning direction a (its
+        length is the reach α = âᵀk), the projector ``allowed`` onto the subspace a comes from, and the projector
+        ``reading`` onto the subspace the reading direction b may use."""
         hp = ctx.hparams
         if hp.input_subspace == "null_c":
             P = null_space(ctx, layer, W.device)[0].double()
@@ -222,10 +228,13 @@ class MOSE(Method):
         shield = orthonormal_columns(base(protected))
         allowed = minus_span(base, shield)
         a = allowed(k)
+        if hp.input_subspace == "null_w" and hp.input_a_ridge is not None:
+            C = ctx.second_moments([layer])[layer].to(W.device, torch.float64)
+            a = low_variance_direction(W, k, C, shield, hp.input_a_ridge)
         if hp.input_subspace == "null_c":
-            return allowed, minus_span(base, orthonormal_columns(torch.cat([shield, a[:, None]], dim=1)))
+            return a, allowed, minus_span(base, orthonormal_columns(torch.cat([shield, a[:, None]], dim=1)))
         avoid = torch.cat([protected, a[:, None]], dim=1) if hp.protect_reading else a[:, None]
-        return allowed, minus_span(lambda x: x, orthonormal_columns(avoid))
+        return a, allowed, minus_span(lambda x: x, orthonormal_columns(avoid))
 
     def reach(self, ctx: EditContext, window: list[int]):
         """``target_reach: rotation``: the projection of δ onto what the window's rotations can deliver, from the
@@ -243,9 +252,10 @@ class MOSE(Method):
             K = keys[layer].to(W.device)
             earlier = ctx.session.state.get("protected_keys", {}).get(ctx.module(layer))
             protected = earlier.to(W.device, torch.float64) if earlier is not None else K[:, :0]
-            allowed, _ = self.key_subspaces(ctx, layer, W, K[:, 0], protected)
+            directions = [self.key_subspaces(ctx, layer, W, K[:, j], protected) for j in range(K.shape[1])]
+            allowed = directions[0][1]
             readers.append(Reader.build(W, allowed if hp.input_subspace == "null_c" else (lambda x: x)))
-            radii.append(allowed(K).norm(dim=0))
+            radii.append(torch.stack([a.norm() for a, _, _ in directions]))
         radii = torch.stack(radii)
         return lambda delta: project_to_reach(delta.to(radii.device), readers, radii).to(delta.device)
 
