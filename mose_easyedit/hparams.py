@@ -16,19 +16,33 @@ from typing import Any, ClassVar, Optional, Union
 import yaml
 
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-HPARAMS_ROOT = Path(__file__).resolve().parents[1] / "hparams"
+# The shipped YAMLs, package data (``hparams/`` in a checkout links here), one folder per method.
+HPARAMS_ROOT = Path(__file__).resolve().parent / "hparams_files"
 EARLY_STOPS = ("loss", "nll", "most_probable")
 
 
+def _with_suffix(base: Path) -> list[Path]:
+    return [base] if base.suffix in (".yaml", ".yml") else [base, base.with_name(base.name + ".yaml")]
+
+
 def _resolve_path(path: str | Path, alg_name: str) -> Path:
-    """``path`` as given, with ``.yaml`` added if missing; bare names are looked up in ``hparams/<ALG>/``."""
-    candidates = []
-    for base in (Path(path), HPARAMS_ROOT / alg_name / str(path)):
-        candidates += [base, base.with_name(base.name + ".yaml")] if base.suffix not in (".yaml", ".yml") else [base]
+    """``path`` as given (``.yaml`` optional), else a shipped YAML: a bare name in ``<alg_name>/``, or
+    ``METHOD/name`` (also written ``hparams/METHOD/name``, as in the README), from any working directory."""
+    given = Path(path)
+    parts = given.parts[1:] if given.parts[:1] == ("hparams",) else given.parts
+    bases = [given]
+    if not given.is_absolute():
+        if len(parts) == 1 and alg_name:
+            bases.append(HPARAMS_ROOT / alg_name / parts[0])
+        bases.append(HPARAMS_ROOT.joinpath(*parts))
+    candidates = list(dict.fromkeys(c for base in bases for c in _with_suffix(base)))
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"hyperparameter file not found: {path} (tried {', '.join(map(str, candidates))})")
+    pattern = f"{alg_name}/*.yaml" if alg_name and (HPARAMS_ROOT / alg_name).is_dir() else "*/*.yaml"
+    shipped = sorted(p.relative_to(HPARAMS_ROOT).with_suffix("").as_posix() for p in HPARAMS_ROOT.glob(pattern))
+    raise FileNotFoundError(f"hyperparameter file not found: {path} (looked for {', '.join(map(str, candidates))}; "
+                            f"shipped: {', '.join(shipped)})")
 
 
 def _type_name(tp) -> str:
@@ -121,7 +135,8 @@ class HyperParams:
 
     @classmethod
     def from_hparams(cls, path: str | Path):
-        """Load a YAML file (``.yaml`` optional; bare names resolve in ``hparams/<ALG>/``)."""
+        """Load a YAML file: a path (``.yaml`` optional), a bare name of a shipped file for this method
+        (``"smollm2-135m"``) or ``"METHOD/name"``."""
         default_alg = cls.ALG_NAMES[0] if cls.ALG_NAMES else ""
         resolved = _resolve_path(path, default_alg)
         with open(resolved, encoding="utf-8") as handle:
