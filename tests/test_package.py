@@ -1,0 +1,42 @@
+"""The package as a user meets it: shipped hyperparameters found from any directory, every method importable from
+the top level."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+import mose_easyedit as me
+from mose_easyedit.methods import METHODS
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "MOSE/llama3-8b", "hparams/MOSE/qwen2.5-7b",
+                                  "MOSE/llama2-13b.yaml"])
+def test_shipped_hparams_resolve_from_any_directory(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    hp = me.MOSEHyperParams.from_hparams(name)
+    assert hp.alg_name == "MOSE"
+
+
+def test_an_explicit_path_still_wins(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shipped = me.MOSEHyperParams.from_hparams("smollm2-135m")
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({**shipped.to_dict(), "mose_lambda": 7.5}))
+    assert me.MOSEHyperParams.from_hparams("mine").mose_lambda == 7.5
+    assert me.MOSEHyperParams.from_hparams(tmp_path / "mine.yaml").mose_lambda == 7.5
+
+
+def test_a_missing_name_lists_each_place_once_and_what_is_shipped(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as error:
+        me.MEMITHyperParams.from_hparams("hparams/MEMIT/nope")
+    message = str(error.value)
+    assert "hparams/MEMIT/hparams" not in message and message.count("nope.yaml") == 2
+    assert "MEMIT/llama3-8b" in message and "MOSE/" not in message
+
+
+def test_every_method_is_importable_from_the_top_level():
+    for name, spec in METHODS.items():
+        stem = name.replace("-", "")
+        assert getattr(me, f"{stem}HyperParams") is spec.hparams_cls
+        assert getattr(me, f"apply_{name.lower().replace('-', '_')}_to_model") is spec.apply
+        assert f"{stem}HyperParams" in me.__all__
