@@ -128,15 +128,28 @@ def num_layers(model: torch.nn.Module) -> int:
 
 
 def model_identity(model: torch.nn.Module) -> str:
-    """A short, stable name for cache keys: the checkpoint name plus a hash of its configuration."""
-    name = str(getattr(model.config, "name_or_path", "") or type(model).__name__)
-    config = model.config.to_dict()
-    for volatile in ("_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype",
-                     "_attn_implementation_autoset", "architectures", "quantization_config"):
-        config.pop(volatile, None)
-    digest = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    tail = name.rstrip("/").split("/")[-1] or "model"
-    return f"{tail}-{digest}"
+    """A stable cache-key name for a model, independent of the path it was loaded from: its model type, a hash
+    of its configuration and a hash of a strided sample of every parameter outside the MLPs (embeddings,
+    attention, norms), which no edit touches, so a renamed or copied checkpoint shares its caches and an edited
+    model keeps its own. Computed once per model object."""
+    cache = model.__dict__.setdefault("_mose_identity", {})
+    if "identity" not in cache:
+        config = model.config.to_dict()
+        for volatile in ("_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype",
+                         "_attn_implementation_autoset", "architectures", "quantization_config"):
+            config.pop(volatile, None)
+        config_digest = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        weights = hashlib.sha1()
+        for name, parameter in model.named_parameters():
+            if ".mlp." in name:
+                continue
+            flat = parameter.detach().reshape(-1)
+            sample = flat[::max(1, flat.numel() // 4096)][:4096]
+            weights.update(name.encode())
+            weights.update(sample.float().cpu().numpy().tobytes())
+        kind = str(getattr(model.config, "model_type", "") or type(model).__name__)
+        cache["identity"] = f"{kind}-{config_digest}-{weights.hexdigest()[:8]}"
+    return cache["identity"]
 
 
 def input_device(model: torch.nn.Module) -> torch.device:

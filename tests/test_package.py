@@ -40,3 +40,20 @@ def test_every_method_is_importable_from_the_top_level():
         assert getattr(me, f"{stem}HyperParams") is spec.hparams_cls
         assert getattr(me, f"apply_{name.lower().replace('-', '_')}_to_model") is spec.apply
         assert f"{stem}HyperParams" in me.__all__
+
+
+def test_cache_identity_follows_the_weights_not_the_path(tokenizer):
+    import torch
+    from conftest import build_tiny_model
+
+    from mose_easyedit.modeling import model_identity
+
+    first = build_tiny_model("llama", len(tokenizer))
+    renamed = build_tiny_model("llama", len(tokenizer))
+    renamed.config.name_or_path = "/somewhere/else/copy-of-the-model"
+    assert model_identity(renamed) == model_identity(first)
+    assert model_identity(build_tiny_model("llama", len(tokenizer), seed=1)) != model_identity(first)
+    edited = build_tiny_model("llama", len(tokenizer))
+    with torch.no_grad():  # an edit of an MLP projection keeps the model's caches
+        edited.model.layers[1].mlp.down_proj.weight.mul_(-1)
+    assert model_identity(edited) == model_identity(first)
