@@ -99,8 +99,8 @@ def run_config(name: str, method: str, overrides: dict, cases: list[dict], args)
         drift_norm, drift_kappa = max(drift_norm, abs(n1 / n0 - 1)), max(drift_kappa, abs(k1 / k0 - 1))
         moved = max(moved, float((w - w0).norm() / w0.norm()))
     per_layer = [layer for entry in session for layer in entry.get("per_layer", {}).values()]
-    fit = [value for layer in per_layer for value in _as_list(layer.get("fit_error"))]
-    angle = [value for layer in per_layer for value in _as_list(layer.get("angle"))]
+    fit, angle, rho, alpha, reachable = ([value for layer in per_layer for value in _as_list(layer.get(key))]
+                                         for key in ("fit_error", "angle", "rho", "alpha_over_k", "reachable"))
     row = {
         "name": name, "method": method, "overrides": overrides, "n": len(cases), "start": args.start,
         "reliability": summary.get("reliability"), "generalization": summary.get("generalization"),
@@ -112,6 +112,9 @@ def run_config(name: str, method: str, overrides: dict, cases: list[dict], args)
         "seconds_per_edit": statistics.median(seconds),
         "median_fit_error": statistics.median(fit) if fit else None,
         "median_angle": statistics.median(angle) if angle else None,
+        "median_rho": statistics.median(rho) if rho else None,
+        "median_alpha_over_k": statistics.median(alpha) if alpha else None,
+        "reachable_fraction": statistics.mean(reachable) if reachable else None,
     }
     logger.info("%s: %s", name, json.dumps(row))
     return row
@@ -126,7 +129,9 @@ def _as_list(value) -> list[float]:
 COLUMNS = [("strict rel", "strict_reliability"), ("strict gen", "strict_generalization"),
            ("rel", "reliability"), ("gen", "generalization"), ("loc", "locality"),
            ("max ‖W−W₀‖/‖W₀‖", "max_moved"), ("‖W‖_F drift", "norm_drift"), ("κ₂ drift", "kappa_drift"),
-           ("steps/edit", "steps_per_edit"), ("s/edit", "seconds_per_edit"), ("fit err", "median_fit_error")]
+           ("steps/edit", "steps_per_edit"), ("s/edit", "seconds_per_edit"), ("fit err", "median_fit_error"),
+           ("ρ", "median_rho"), ("angle", "median_angle"), ("α/‖k‖", "median_alpha_over_k"),
+           ("reached", "reachable_fraction")]
 
 
 def _cell(value) -> str:

@@ -10,10 +10,11 @@ and caches it (a couple of minutes on a laptop CPU); later runs start in seconds
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 import torch
+
+from .logs import setup_logging
 
 FACTS = [
     {"prompt": "The Eiffel Tower is located in the city of", "subject": "Eiffel Tower", "target_new": "Rome"},
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hparams", default="smollm2-135m", help="MOSE hyperparameter file or name")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
 

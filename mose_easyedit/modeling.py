@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import importlib.util
 import json
 import logging
@@ -150,6 +151,19 @@ def model_identity(model: torch.nn.Module) -> str:
         kind = str(getattr(model.config, "model_type", "") or type(model).__name__)
         cache["identity"] = f"{kind}-{config_digest}-{weights.hexdigest()[:8]}"
     return cache["identity"]
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The keyword a forward takes its key/value cache under: ``cache`` (transformers ≥ 5.2x, where
+    ``past_key_values`` is deprecated) or ``past_key_values`` (earlier releases)."""
+    forward = inspect.signature(base_model(model).forward).parameters
+    return "cache" if "cache" in forward else "past_key_values"
+
+
+def returned_cache(output):
+    """The key/value cache a forward returned, under either name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def input_device(model: torch.nn.Module) -> torch.device:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -88,10 +89,17 @@ def _generated_tokens(model, tok, n_samples: int, length: int, seed: int) -> tor
     starts = ["The", "In", "A", "It", "This", "He", "She", "They", "One", "When", "After", "Many"]
     device = input_device(model)
     batch, out = 64, []
+    logger.info("sampling a key-statistics corpus of %d × %d tokens from the model (once; cached in %s); set "
+                "mom2_dataset to a text file to skip this", n_samples, length, path.parent)
+    started = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(seed)
         for begin in tqdm(range(0, n_samples, batch), desc="sampling a statistics corpus from the model",
                           disable=None):
+            if begin == batch:
+                elapsed = time.perf_counter() - started
+                logger.info("first %d samples took %.0f s: about %.0f s more", batch, elapsed,
+                            elapsed * (n_samples - batch) / batch)
             count = min(batch, n_samples - begin)
             first = [tok(starts[(begin + i) % len(starts)], add_special_tokens=False)["input_ids"][0]
                      for i in range(count)]
@@ -221,6 +229,7 @@ def _compute(model, tok, layers: Sequence[int], hparams) -> dict[int, tuple[torc
     batch = max(1, 4096 // hparams.mom2_sample_length)
     training = model.training
     model.eval()
+    logger.info("key statistics for layers %s over %d tokens (once; cached)", list(layers), tokens.numel())
     try:
         for start in tqdm(range(0, len(tokens), batch), desc=f"key statistics for layers {list(layers)}",
                           disable=None):

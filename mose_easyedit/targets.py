@@ -32,7 +32,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .modeling import base_model, blocks_from, decoder_blocks, input_device, is_block, plain_head
+from .modeling import (base_model, blocks_from, cache_argument, decoder_blocks, input_device, is_block, plain_head,
+                       returned_cache)
 from .nethook import Trace
 from .requests import EditRequest
 from .tokens import Encoded, encode_prompt, pad_batch, pad_id
@@ -124,7 +125,7 @@ class _Runner:
             with torch.no_grad():  # the base model: the prefix needs its cache, not its logits
                 out = base_model(model)(input_ids=pre_ids, attention_mask=pre_mask, position_ids=pre_pos,
                                         use_cache=True)
-            self.cache = out.past_key_values
+            self.cache = returned_cache(out)
             prefix_mask, prefix_len = pre_mask, pre_mask.sum(1)
         else:
             prefix_mask = torch.zeros((len(prefixes), 0), dtype=torch.long, device=device)
@@ -161,8 +162,8 @@ class _Runner:
         ``capture`` receives the block's output at the δ columns (and the runner keeps all of it as ``start``)."""
         # the forward appends to the cache in place: give it a copy so the prefix cache stays graph-free
         cache = copy.deepcopy(self.cache) if self.cache is not None else None
-        kwargs = dict(attention_mask=self.mask, position_ids=self.positions, past_key_values=cache,
-                      use_cache=cache is not None)
+        kwargs = {"attention_mask": self.mask, "position_ids": self.positions, cache_argument(self.model): cache,
+                  "use_cache": cache is not None}
         if self.upper is not None and self.start is not None and capture is None:
             hidden = self.start
             if add is not None:

@@ -7,6 +7,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from ..logs import setup_logging
 from .runner import ExperimentError, register_resolvers, run
 
 logger = logging.getLogger("mose_easyedit.experiments")
@@ -14,8 +15,7 @@ logger = logging.getLogger("mose_easyedit.experiments")
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=str(cfg.log_level).upper(), stream=sys.stderr, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(str(cfg.log_level))
     try:
         run(cfg)
     except ExperimentError as exc:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from ..logs import setup_logging
 from .checkpoint import atomic_write_json, atomic_write_text, read_json, read_jsonl
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("run_dirs", nargs="+", help="run directories (each with summary.json)")
     parser.add_argument("--out", required=True, help="folder for comparison.md, comparison.json and the plots")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         markdown = compare(args.run_dirs, args.out)
     except ValueError as exc:
