@@ -150,7 +150,41 @@ def test_checkpoint_files(tmp_path):
     assert torch.equal(torch.rand(3), first)
 
 
+def test_corrupt_run_files_fail_in_one_line_naming_the_file_and_the_remedy(tmp_path):
+    (tmp_path / "summary.json").write_text('{"complete": true, "metr')
+    with pytest.raises(ckpt.CorruptFileError) as error:
+        ckpt.read_json(tmp_path / "summary.json")
+    message = str(error.value)
+    assert "summary.json" in message and "delete it and re-run" in message and "\n" not in message
+    assert ckpt.read_json_if_valid(tmp_path / "summary.json") is None
+    torch.save({"format": 1, "state": {}}, tmp_path / "checkpoint.pt")
+    data = (tmp_path / "checkpoint.pt").read_bytes()
+    (tmp_path / "checkpoint.pt").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ckpt.CorruptFileError) as error:
+        ckpt.load_checkpoint(tmp_path / "checkpoint.pt")
+    message = str(error.value)
+    assert "checkpoint.pt" in message and "delete it and re-run" in message and "\n" not in message
+    assert "another device" not in message
+    from mose_easyedit.experiments.compare import load_run
+    with pytest.raises(ValueError, match="summary.json is truncated or corrupt"):
+        load_run(tmp_path)
+
+
 # ------------------------------------------------------------------------------------------------ with model
+@pytest.mark.slow
+def test_a_corrupt_summary_of_a_complete_run_is_run_again(reference_run, shared_data, tmp_path):
+    import shutil
+
+    run_dir, summary, _ = reference_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    text = (copy / "summary.json").read_text()
+    (copy / "summary.json").write_text(text[:len(text) // 2])
+    again = run(compose_config(tiny_overrides(shared_data, copy)))
+    assert again["complete"] and ckpt.read_json(copy / "summary.json") == again
+    assert again["metrics"] == summary["metrics"]
+
+
 @pytest.mark.slow
 def test_end_to_end_run_outputs(reference_run, shared_data):
     run_dir, summary, _ = reference_run

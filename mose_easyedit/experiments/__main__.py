@@ -8,6 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ..logs import setup_logging
+from .checkpoint import CorruptFileError
 from .runner import ExperimentError, register_resolvers, run
 
 logger = logging.getLogger("mose_easyedit.experiments")
@@ -18,7 +19,7 @@ def main(cfg: DictConfig) -> None:
     setup_logging(str(cfg.log_level))
     try:
         run(cfg)
-    except ExperimentError as exc:
+    except (ExperimentError, CorruptFileError) as exc:
         logger.error("%s", exc)
         sys.exit(2)
 

@@ -79,9 +79,27 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     _replace(tmp, path)
 
 
+class CorruptFileError(ValueError):
+    """A run file that cannot be read back (truncated by a kill or a full disk, or edited by hand)."""
+
+
 def read_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    """The JSON value in ``path``; :class:`CorruptFileError` (one line naming the file and the remedy) if it is
+    not valid JSON."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{path} is truncated or corrupt ({exc}); delete it and re-run") from None
+
+
+def read_json_if_valid(path: str | os.PathLike) -> Any | None:
+    """Like :func:`read_json` for a file that can be recomputed: None (with a warning) when it is corrupt."""
+    try:
+        return read_json(path)
+    except CorruptFileError as exc:
+        logger.warning("%s; it will be recomputed", exc)
+        return None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -157,8 +175,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     machine)."""
     try:
         payload = torch.load(path, weights_only=False)
-    except RuntimeError as exc:
-        raise RuntimeError(f"{path}: cannot load the checkpoint ({exc}); was it written on another device?") from exc
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a torn file
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "cuda" in text.lower() or "device" in text.lower():
+            raise CorruptFileError(f"{path}: cannot load the checkpoint on this machine ({text}); resume it on the "
+                                   "kind of machine that wrote it, or delete it and re-run") from None
+        raise CorruptFileError(f"{path} is truncated or corrupt ({text}); delete it and re-run (the run starts "
+                               "again from its last good state: the edits since then are redone)") from None
     if not isinstance(payload, dict) or payload.get("format") != 1:
         raise ValueError(f"{path}: not a checkpoint of this runner")
     return payload

@@ -423,8 +423,8 @@ class SequentialRun:
         path = self.dir / SUMMARY_FILE
         if not path.exists():
             return None
-        summary = ckpt.read_json(path)
-        if not summary.get("complete"):
+        summary = ckpt.read_json_if_valid(path)
+        if not summary or not summary.get("complete"):
             return None
         logger.info("run %s is already complete (%s); nothing to do", self.dir, path)
         self._cleanup(final=True)
@@ -451,7 +451,7 @@ class SequentialRun:
         path = self.dir / REFERENCE_FILE
         digest = requests_digest(self.requests)
         if path.exists():
-            saved = ckpt.read_json(path)
+            saved = ckpt.read_json_if_valid(path) or {}
             if saved.get("digest") == digest:
                 return OriginalOutputs({text: (tuple(pair[0]), tuple(pair[1]))
                                         for text, pair in saved["predictions"].items()})
@@ -626,10 +626,10 @@ class SequentialRun:
                "files": {task: file_digest(task_file(task, cfg.data_dir)) for task in cfg.general_tasks}}
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         path = cache_dir() / "general" / f"{key['model']}-{digest}.json"
-        if path.exists():
-            scores = ckpt.read_json(path)["scores"]
+        saved = ckpt.read_json_if_valid(path) if path.exists() else None
+        if saved and "scores" in saved:
             logger.info("general abilities before editing read from %s", path)
-            return scores
+            return saved["scores"]
         scores = self._general()
         path.parent.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_json(path, {"key": key, "scores": scores})
@@ -673,7 +673,7 @@ class SequentialRun:
         partial_path = self.dir / FINAL_PARTIAL_FILE
         partial = {"digest": state["digest"], "facts": [], "general": None, "seconds": 0.0}
         if partial_path.exists():
-            saved = ckpt.read_json(partial_path)
+            saved = ckpt.read_json_if_valid(partial_path) or {}
             if saved.get("digest") == state["digest"]:
                 partial = saved
         self._write_progress("final")
