@@ -186,6 +186,28 @@ def test_a_corrupt_summary_of_a_complete_run_is_run_again(reference_run, shared_
 
 
 @pytest.mark.slow
+def test_hydra_run_dir_names_the_run_directory_and_a_multirun_fans_out_on_joblib(reference_run, shared_data,
+                                                                                 tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    _, reference, _ = reference_run
+    args = [a for a in tiny_overrides(shared_data, tmp_path) if not a.startswith("output_dir=")]
+    proc = cli([*args, f"hydra.run.dir={tmp_path / 'by-hydra'}"])
+    output, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, output
+    summary = ckpt.read_json(tmp_path / "by-hydra" / "summary.json")
+    assert comparable(summary) == comparable(reference)
+    sweep = tmp_path / "sweep"
+    jobs = [a for a in args if not a.startswith(("num_edits=", "general_tasks=", "eval_every="))]
+    proc = cli(["-m", "hydra/launcher=local", f"hydra.sweep.dir={sweep}", *jobs, "num_edits=1", "general_tasks=[]",
+                "seed=0,1"])
+    output, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, output
+    runs = sorted(p.parent.name for p in sweep.glob("*/summary.json"))
+    assert runs == ["MOSE-smollm2-135m-counterfact-n1-b1-s0-j0", "MOSE-smollm2-135m-counterfact-n1-b1-s1-j1"]
+    assert "joblib" in output.lower() or "Joblib" in output
+
+
+@pytest.mark.slow
 def test_end_to_end_run_outputs(reference_run, shared_data):
     run_dir, summary, _ = reference_run
     for name in ("config.yaml", "hparams.yaml", "results.jsonl", "summary.json", "run.log", "metrics.png",

@@ -5,7 +5,8 @@ import logging
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 
 from ..logs import setup_logging
 from .checkpoint import CorruptFileError
@@ -17,6 +18,10 @@ logger = logging.getLogger("mose_easyedit.experiments")
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     setup_logging(str(cfg.log_level))
+    # hydra.run.dir defaults to output_dir; a hydra.run.dir=... (or a multirun job's sweep folder) is where the run
+    # goes, so both spellings name the run directory
+    with open_dict(cfg):
+        cfg.output_dir = HydraConfig.get().runtime.output_dir
     try:
         run(cfg)
     except (ExperimentError, CorruptFileError) as exc:

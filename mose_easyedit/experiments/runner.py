@@ -66,7 +66,7 @@ LOADERS = {"counterfact": load_counterfact, "zsre": load_zsre, "conceptedit": lo
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: Keys that may change between a run and its resumption without changing its results.
 RUNTIME_KEYS = ("num_threads", "general_cache", "checkpoint_every", "keep_checkpoint", "progress", "log_level",
-                "output_dir", "data_dir", "data.path", "hparams_file")
+                "output_dir", "run_name", "data_dir", "data.path", "hparams_file")
 
 CONFIG_FILE, HPARAMS_FILE, RESULTS_FILE, SUMMARY_FILE = "config.yaml", "hparams.yaml", "results.jsonl", "summary.json"
 CHECKPOINT_FILE, PROGRESS_FILE, LOG_FILE = "checkpoint.pt", "progress.json", "run.log"
