@@ -7,6 +7,7 @@ optimisation, covariance statistics); each method adds its own fields in a subcl
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import types
 import typing
@@ -15,10 +16,13 @@ from typing import Any, ClassVar, Optional, Union
 
 import yaml
 
+logger = logging.getLogger(__name__)
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 # The shipped YAMLs, package data (``hparams/`` in a checkout links here), one folder per method.
 HPARAMS_ROOT = Path(__file__).resolve().parent / "hparams_files"
 EARLY_STOPS = ("loss", "nll", "most_probable")
+# Names under which EasyEdit has a method of its own: our classes keep ours reachable there as "X-core".
+EASYEDIT_OWN_METHODS = ("ROME", "MEMIT", "EMMET", "AlphaEdit")
 
 
 def _with_suffix(base: Path) -> list[Path]:
@@ -129,6 +133,11 @@ class HyperParams:
         values = {key: _coerce(value, hints[key], key, source) for key, value in config.items()}
         if cls.ALG_NAMES and values["alg_name"] not in cls.ALG_NAMES:
             raise ValueError(f"{source}: alg_name {values['alg_name']!r} is not one of {list(cls.ALG_NAMES)}")
+        if values["alg_name"] in EASYEDIT_OWN_METHODS:
+            # EasyEdit's BaseEditor would run its own method under the bare name: ours is always "X-core"
+            values["alg_name"] += "-core"
+            logger.debug("%s: alg_name %s read as %s (our implementation under EasyEdit)", source,
+                         config["alg_name"], values["alg_name"])
         hparams = cls(**values)
         hparams.validate(source)
         return hparams

@@ -20,6 +20,7 @@ from conftest import (FAMILIES, assert_bit_identical, build_tiny_model, embedded
 import mose_easyedit as me
 from mose_easyedit.editor import EditContext
 from mose_easyedit.evaluation import target_nll, token_accuracy
+from mose_easyedit.hparams import EASYEDIT_OWN_METHODS
 from mose_easyedit.methods import METHODS
 from mose_easyedit.methods.alphaedit import ALPHAEDIT_METHOD, INVERSE_CACHE, MOMENT_STATE, AlphaEdit, null_space
 from mose_easyedit.methods.emmet import EMMET_METHOD
@@ -354,7 +355,7 @@ def test_spreading_key_passes_start_at_the_last_edited_block(tokenizer, monkeypa
 def test_shipped_yaml_files_load(name, model_file):
     cls = METHODS[name].hparams_cls
     hp = cls.from_hparams(HPARAMS / name / f"{model_file}.yaml")
-    assert hp.alg_name == name
+    assert hp.alg_name == (f"{name}-core" if name in EASYEDIT_OWN_METHODS else name)
     assert max(hp.layers) < MODEL_LAYERS[model_file] - 1
     assert hp.v_loss_layer in (None, MODEL_LAYERS[model_file] - 1)
     assert hp.device == ("cpu" if model_file == "smollm2-135m" else 0)
