@@ -1,9 +1,10 @@
 """The EasyEdit bridge: find an EasyEdit checkout at run time and register this package's methods in it.
 
-EasyEdit is optional. Nothing here imports it until asked: :func:`find_easyedit` imports it (honouring
-``EASYEDIT_PATH``), :func:`register` adds our ``apply_X_to_model`` functions to EasyEdit's ``ALG_DICT`` and to its
-batch-edit whitelist, and :func:`autoregister` (called by ``import mose_easyedit``) registers as soon as EasyEdit
-is imported, whichever of the two packages is imported first.
+EasyEdit is optional. Nothing here imports it until asked (``import mose_easyedit`` only puts the checkout named
+by ``EASYEDIT_PATH`` on ``sys.path``): :func:`find_easyedit` imports it, :func:`register` adds our
+``apply_X_to_model`` functions to EasyEdit's ``ALG_DICT`` and to its batch-edit whitelist, and
+:func:`autoregister` (called by ``import mose_easyedit``) registers as soon as EasyEdit is imported, whichever of
+the two packages is imported first.
 
 Names. Our method ``X`` is registered as ``X`` when EasyEdit has no method of that name, and always also as
 ``X-core``. When EasyEdit already has ``X`` (it has ROME, MEMIT, EMMET and AlphaEdit) its own stays under ``X``
@@ -50,15 +51,25 @@ def accepted_alg_names(name: str) -> tuple[str, str]:
 
 
 # --------------------------------------------------------------------------------------------------- discovery
+def checkout_on_path() -> Path | None:
+    """Put the checkout named by ``EASYEDIT_PATH`` first on ``sys.path`` (once); returns it, or None when the
+    variable is unset or names no checkout (that is logged as a warning). ``import mose_easyedit`` calls this, so
+    ``import easyeditor`` works right after it."""
+    checkout = os.environ.get(EASYEDIT_PATH_ENV)
+    if not checkout:
+        return None
+    root = Path(checkout).expanduser().resolve()
+    if not (root / "easyeditor" / "__init__.py").is_file():
+        logger.warning("%s=%s is not an EasyEdit checkout (no easyeditor/__init__.py)", EASYEDIT_PATH_ENV, checkout)
+        return None
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return root
+
+
 def _import_easyeditor() -> tuple[Any | None, str | None]:
     """``(module, None)``, or ``(None, why not)``; never raises."""
-    checkout = os.environ.get(EASYEDIT_PATH_ENV)
-    if checkout:
-        root = Path(checkout).expanduser().resolve()
-        if not (root / "easyeditor" / "__init__.py").is_file():
-            logger.warning("%s=%s is not an EasyEdit checkout (no easyeditor/__init__.py)", EASYEDIT_PATH_ENV, checkout)
-        elif str(root) not in sys.path:
-            sys.path.insert(0, str(root))
+    checkout_on_path()
     try:
         return importlib.import_module("easyeditor"), None
     except ImportError as exc:
@@ -261,8 +272,10 @@ class _RegisterAfterEasyEditImport(importlib.abc.MetaPathFinder):
 def autoregister() -> None:
     """Register now if EasyEdit is imported, else as soon as it is; cheap, never raises, never imports EasyEdit.
 
-    Called by ``import mose_easyedit``, so importing this package before or after ``easyeditor`` both work.
+    Called by ``import mose_easyedit``, so importing this package before or after ``easyeditor`` both work; it
+    also puts the ``EASYEDIT_PATH`` checkout on ``sys.path``.
     """
+    checkout_on_path()
     module = sys.modules.get("easyeditor")
     if module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False):
         _register_quietly()

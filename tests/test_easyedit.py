@@ -124,6 +124,17 @@ def _spec(name, **extra):
     return SimpleNamespace(name=name, hparams_cls=None, apply=apply, **extra)
 
 
+def test_import_puts_the_easyedit_path_checkout_on_sys_path_so_easyeditor_imports_next(fake_easyedit):
+    import importlib as loader
+
+    assert str(fake_easyedit) not in sys.path
+    loader.reload(loader.import_module("mose_easyedit"))  # what `import mose_easyedit` does
+    assert sys.path[0] == str(fake_easyedit)
+    module = loader.import_module("easyeditor")  # the README's next line, with no PYTHONPATH set
+    assert Path(module.__file__).parent == fake_easyedit / "easyeditor"
+    assert module.util.alg_dict.ALG_DICT["MOSE"].__module__ == "mose_easyedit.methods.mose"
+
+
 def test_find_easyedit_honours_easyedit_path(fake_easyedit):
     module = bridge.find_easyedit()
     assert module is not None and Path(module.__file__).parent == fake_easyedit / "easyeditor"
