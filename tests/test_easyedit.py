@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import textwrap
-import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -271,53 +270,13 @@ easyedit_checkout = pytest.mark.skipif(
     _checkout() is None, reason="set EASYEDIT_PATH to an EasyEdit checkout (the folder holding easyeditor/)")
 
 
-class _Anything(type):
-    def __getattr__(cls, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return cls
-
-
-class _Placeholder(metaclass=_Anything):
-    def __init__(self, *args, **kwargs):
-        pass
-
-
-_VISION_STUBS = {
-    "timm": ["timm", "timm.models", "timm.models.hub", "timm.layers"],
-    "torchvision": ["torchvision", "torchvision.datasets", "torchvision.datasets.utils", "torchvision.transforms",
-                    "torchvision.transforms.functional"],
-}
-
-
-def _stub_module(name: str) -> types.ModuleType:
-    module = types.ModuleType(name)
-    module.__path__ = []
-    module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
-
-    def __getattr__(attr):
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        return _Placeholder
-
-    module.__getattr__ = __getattr__
-    return module
-
-
 @pytest.fixture(scope="module")
 def easyeditor():
     """The real EasyEdit, imported with timm / torchvision stubbed when absent (only its multimodal trainers use
     them, and installing them replaces a CPU torch with a CUDA build)."""
-    import transformers.utils.import_utils as import_utils
+    from mose_easyedit.vision_stubs import vision_stubs
 
-    # transformers caches these probes; answer them before the stubs exist so it never tries the stubs.
-    import_utils.is_torchvision_available()
-    import_utils.is_timm_available()
-    with pytest.MonkeyPatch.context() as patch:
-        for package, names in _VISION_STUBS.items():
-            if importlib.util.find_spec(package) is None:
-                for name in names:
-                    patch.setitem(sys.modules, name, _stub_module(name))
+    with vision_stubs():
         module, why = bridge._import_easyeditor()
         if module is None:
             pytest.fail(f"EASYEDIT_PATH={os.environ['EASYEDIT_PATH']} does not import: {why}")
