@@ -218,6 +218,6 @@ def test_input_side_bad_request_leaves_the_model_bit_identical(tokenizer):
 
 def test_new_options_are_checked_by_name(tokenizer):
     for key, value in (("rotation_side", "left"), ("input_subspace", "null"), ("input_spread", "all"),
-                       ("protect_keys", "fresh"), ("target_reach", "yes")):
+                       ("target_reach", "yes"), ("input_a_ridge", -1.0)):
         with pytest.raises(ValueError, match=key):
             tiny_hparams(MOSEHyperParams, "llama", **{key: value})

@@ -69,9 +69,6 @@ class MOSEHyperParams(LocateEditHyperParams):
     # Input side: each layer is asked for its even share of z − h ("even", MEMIT) or for all of what is left
     # ("greedy"; a layer that cannot reach it moves as far as it can and the layers above take the rest).
     input_spread: str = "even"
-    # Keys of earlier edits kept for protection: as recorded during their edit ("recorded") or recomputed on the
-    # edited model after each call ("recomputed", AlphaEdit).
-    protect_keys: str = "recorded"
     # Target optimisation: "free" (MEMIT's δ) or "rotation" (δ projected at every step onto what the window's
     # rotations can deliver: the output side's share keeps ‖W k + r‖ = ‖W k‖, the input side's stays within
     # the planes' reach).
@@ -92,7 +89,7 @@ class MOSEHyperParams(LocateEditHyperParams):
         if self.undo_history < 0:
             raise ValueError(f"{source}: key 'undo_history' must be >= 0")
         choices = {"rotation_side": ("output", "input"), "input_subspace": ("null_w", "null_c"),
-                   "input_spread": ("even", "greedy"), "protect_keys": ("recorded", "recomputed"),
+                   "input_spread": ("even", "greedy"),
                    "target_reach": ("free", "rotation")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -161,7 +158,7 @@ class MOSE(Method):
         setting = (hp.mose_lambda, gamma)
         # G = W (λC + γ K_p K_pᵀ) Wᵀ is carried across edits (R G Rᵀ after each rotation) instead of rebuilt
         cached = ctx.session.state.setdefault("preservation", {}).get(batch.module)
-        if cached is not None and cached[0] == setting and hp.protect_keys == "recorded":
+        if cached is not None and cached[0] == setting:
             G = cached[1].to(W.device)
         else:
             C = ctx.second_moments([batch.layer])[batch.layer].to(W.device)
@@ -262,12 +259,6 @@ class MOSE(Method):
     def finish(self, ctx: EditContext) -> None:
         hp = ctx.hparams
         staged = ctx.diagnostics.pop("_staged", {})
-
-        if hp.protect_keys == "recomputed":  # the edited keys as the edited model now computes them
-            window = ctx.diagnostics["layers"]
-            fresh, _, _ = ctx.keys(window)
-            staged = {ctx.module(layer): (staged[ctx.module(layer)][0], fresh[layer].float().cpu(),
-                                          *staged[ctx.module(layer)][2:]) for layer in window}
 
         def commit():
             state = ctx.session.state
