@@ -23,6 +23,7 @@ import csv
 import hashlib
 import json
 import logging
+import time
 import re
 import string
 from dataclasses import dataclass
@@ -358,5 +359,12 @@ def evaluate_general(model, tok, tasks: Sequence[str] = TASKS, subset_size: int 
     """``{task: score}`` for each task, each on the same deterministic subset for every method and model."""
     if isinstance(tasks, str):
         tasks = (tasks,)
-    return {task: evaluate_task(model, tok, task, subset_size, seed, data_dir, batch_size, progress).score
-            for task in tasks}
+    scores, started = {}, time.perf_counter()
+    for index, task in enumerate(tasks):
+        scores[task] = evaluate_task(model, tok, task, subset_size, seed, data_dir, batch_size, progress).score
+        if index == 0 and len(tasks) > 1:
+            elapsed = time.perf_counter() - started
+            logger.info("general task %s took %.0f s; the other %d task(s) of this evaluation take roughly %.0f s "
+                        "more (generation tasks are slower)", task, elapsed, len(tasks) - 1,
+                        elapsed * (len(tasks) - 1))
+    return scores

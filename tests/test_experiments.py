@@ -150,6 +150,26 @@ def test_checkpoint_files(tmp_path):
     assert torch.equal(torch.rand(3), first)
 
 
+def test_curve_points_by_default_and_stability_lines_that_start_where_a_layer_was_first_edited(shared_data):
+    from mose_easyedit.experiments.plots import _stability_series
+    from mose_easyedit.experiments.runner import curve_every
+
+    def every(*overrides):
+        return curve_every(compose_config([f"data_dir={shared_data}", *overrides]))
+
+    assert compose_config([]).eval_every == "auto"
+    assert every("num_edits=5") == 1 and every("num_edits=100") == 20 and every("eval_every=7") == 7
+    assert every("num_edits=300", "batch_size=10") == 60  # 30 steps: a point every 6 steps of 10
+    original = {"a": {"frobenius": 1.0}, "b": {"frobenius": 2.0}}
+    records = [{"edits": 10, "stability": {"a": {"delta_frobenius": 0.1}}},
+               {"edits": 20, "stability": {"a": {"delta_frobenius": 0.2}}},
+               {"edits": 30, "stability": {"a": {"delta_frobenius": 0.3}, "b": {"delta_frobenius": 0.5}}}]
+    series = _stability_series(records, original)
+    assert [(e, s["delta_frobenius"]) for e, s in series["a"]] == [(0, 0.0), (10, 0.1), (20, 0.2), (30, 0.3)]
+    # layer b was untouched until after edit 20: flat at zero until there, not a ramp from edit 0
+    assert [(e, s["delta_frobenius"]) for e, s in series["b"]] == [(0, 0.0), (20, 0.0), (30, 0.5)]
+
+
 def test_corrupt_run_files_fail_in_one_line_naming_the_file_and_the_remedy(tmp_path):
     (tmp_path / "summary.json").write_text('{"complete": true, "metr')
     with pytest.raises(ckpt.CorruptFileError) as error:

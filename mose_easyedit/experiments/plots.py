@@ -55,13 +55,26 @@ def _save(fig, path: Path) -> str:
 def _stability_series(records: Sequence[Mapping], original: Mapping[str, Mapping]) -> dict[str, list]:
     """``{module: [(edits, stats), ...]}`` starting from the original weight at 0 edits."""
     series: dict[str, list] = {}
+    previous = 0  # edits at the last tracked record: a layer that first shows up later was still W₀ there
     for record in records:
         for module, stats in (record.get("stability") or {}).items():
             if module not in series:
                 base = dict(original.get(module, {}), delta_frobenius=0.0)
-                series[module] = [(0, base)] if original.get(module) else []
+                anchors = sorted({0, previous}) if original.get(module) else []
+                series[module] = [(edits, base) for edits in anchors]
             series[module].append((record["edits"], stats))
+        if record.get("stability"):
+            previous = record["edits"]
     return series
+
+
+def _scale(ax, values: Sequence[float], log: bool) -> None:
+    """Log scale for a quantity that spans a decade or more; plain ticks (no 9.98×10⁻¹ labels) for a narrow one."""
+    positive = [v for v in values if v > 0]
+    if log and positive and max(positive) / min(positive) >= 10:
+        ax.set_yscale("log")
+    else:
+        ax.ticklabel_format(axis="y", style="plain", useOffset=False)
 
 
 # ------------------------------------------------------------------------------------------------------ one run
@@ -104,13 +117,14 @@ def plot_run(run_dir: str | Path, records: Sequence[Mapping], summary: Mapping) 
     if series:
         fig, axes = plt.subplots(2, 2, figsize=(10, 7))
         for ax, (key, name, log) in zip(axes.flat, STABILITY_PANELS):
+            shown = []
             for module, points in sorted(series.items(), key=lambda kv: _layer_order(kv[0])):
                 xs = [e for e, s in points if key in s and math.isfinite(s[key])]
                 ys = [s[key] for e, s in points if key in s and math.isfinite(s[key])]
                 ax.plot(xs, ys, lw=1.2, label=layer_label(module))
+                shown += ys
             ax.set(xlabel="number of edits", ylabel=name)
-            if log:
-                ax.set_yscale("log")
+            _scale(ax, shown, log)
             ax.grid(alpha=0.3)
         axes.flat[0].legend(fontsize=7, ncol=2)
         fig.suptitle(f"numerical stability of the edited layers · {title}", fontsize=10)

@@ -114,8 +114,10 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("num_edits", "batch_size", "checkpoint_every", "curve_facts", "final_eval_chunk",
                 "eval_batch_size", "general_batch_size", "num_threads"):
         positive(key)
-    for key in ("eval_every", "general_every", "stability_every", "general_subset_size"):
+    for key in ("general_every", "stability_every", "general_subset_size"):
         positive(key, 0)
+    if cfg.eval_every != "auto":
+        positive("eval_every", 0)
     if cfg.num_edits % cfg.batch_size:
         raise ExperimentError(f"num_edits={cfg.num_edits} is not a multiple of batch_size={cfg.batch_size} "
                               "(a run is T steps of batch_size facts)")
@@ -344,6 +346,15 @@ def crossed(edits: int, batch: int, every: int) -> bool:
     return every > 0 and edits // every > (edits - batch) // every
 
 
+def curve_every(cfg: DictConfig) -> int:
+    """Edits between two curve points: ``eval_every``, or for ``auto`` the multiple of ``batch_size`` that gives
+    about five points (the last one after the last edit)."""
+    if cfg.eval_every != "auto":
+        return int(cfg.eval_every)
+    steps = cfg.num_edits // cfg.batch_size
+    return max(1, -(-steps // 5)) * cfg.batch_size
+
+
 def curve_indices(edited: int, count: int) -> list[int]:
     """At most ``count`` indices evenly spread over ``range(edited)`` (oldest and newest included)."""
     if edited <= count:
@@ -551,7 +562,7 @@ class SequentialRun:
             seconds["stability"] = time.perf_counter() - begin
         evaluated = False
         begin = time.perf_counter()
-        if crossed(edits, b, cfg.eval_every):
+        if crossed(edits, b, curve_every(cfg)):
             record["curve"] = self._curve(edits)
             evaluated = True
         if general_enabled(cfg) and crossed(edits, b, cfg.general_every):
