@@ -86,12 +86,8 @@ class Reader:
         s2 = self.s2[:, None]
         inside = (c ** 2 / s2).sum(0) <= radius ** 2
         lo = torch.zeros_like(radius)
-        hi = torch.full_like(radius, float(self.s2.max()))
-        for _ in range(200):  # grow hi until ‖x(hi)‖ ≤ radius
-            too_long = (s2 * c ** 2 / (s2 + hi) ** 2).sum(0) > radius ** 2
-            if not bool((too_long & ~inside).any()):
-                break
-            hi = torch.where(too_long, hi * 10, hi)
+        # ‖x(μ)‖ ≤ s_max ‖c‖ / μ, so this μ is long enough
+        hi = float(self.s2.max()) ** 0.5 * c.norm(dim=0) / radius.clamp(min=1e-300) + 1e-300
         for _ in range(_BISECTION_STEPS):
             mid = 0.5 * (lo + hi)
             too_long = (s2 * c ** 2 / (s2 + mid) ** 2).sum(0) > radius ** 2
