@@ -36,6 +36,11 @@ def spectrum(weight: torch.Tensor) -> tuple[float, float]:
     return float(weight.detach().double().norm()), float(s[0] / s[-1])
 
 
+def _first(value):
+    """A per-layer diagnostic: a number (output side) or one number per request of the call (input side)."""
+    return value[0] if isinstance(value, list) else value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Edit facts in the embedded model with MOSE")
     parser.add_argument("--corpus", default=None,
@@ -66,7 +71,7 @@ def main(argv=None) -> int:
         print(f"      after:  {complete(model, tok, fact['prompt'])}")
     print("\nPer edit: layers edited, ρ = ‖v − Wk‖/‖Wk‖ and fit error at each layer, seconds")
     for fact, entry in zip(FACTS, edit_history(model)):
-        detail = ", ".join(f"L{layer}: ρ={d['rho']:.2f} fit={d['fit_error']:.2f}"
+        detail = ", ".join(f"L{layer}: ρ={_first(d['rho']):.2f} fit={_first(d['fit_error']):.2f}"
                            for layer, d in sorted(entry["per_layer"].items()))
         print(f"  {fact['subject']:<18} layers {entry['layers']}  {detail}  {entry['seconds']['total']:.1f} s")
     print("\nEdited matrices: Frobenius norm and condition number before -> after")
