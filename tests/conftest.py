@@ -126,9 +126,9 @@ def target_logprob(model, tok, prompt: str, target: str) -> float:
     return float(sum(logp[t - 1, enc.ids[t]] for t in range(enc.target_start, len(enc.ids))))
 
 
-def embedded_hparams(cls, shared_data: Path):
-    """The shipped SmolLM2 hyperparameters of ``cls``, with statistics from the shared WikiText (fast)."""
-    hp = cls.from_hparams("smollm2-135m")
+def embedded_hparams(cls, shared_data: Path, name: str = "smollm2-135m"):
+    """The shipped SmolLM2 hyperparameters ``name`` of ``cls``, with statistics from the shared WikiText (fast)."""
+    hp = cls.from_hparams(name)
     hp.mom2_dataset = str(shared_data / "text_corpus" / "wikitext-2-raw.test.raw")
     hp.mom2_n_samples = 200
     return hp

@@ -149,10 +149,11 @@ def test_copy_leaves_the_original_untouched(tokenizer):
 
 
 @pytest.mark.slow
-def test_embedded_model_ten_sequential_counterfact_edits(default_model, shared_data):
-    """Done-means of the MOSE core: 10 CounterFact cases in sequence with the default yaml."""
+@pytest.mark.parametrize("name", ["smollm2-135m", "smollm2-135m-input"])
+def test_embedded_model_ten_sequential_counterfact_edits(default_model, shared_data, name):
+    """Done-means of the MOSE core: 10 CounterFact cases in sequence with each shipped yaml (both sides)."""
     model, tok = default_model
-    hp = embedded_hparams(MOSEHyperParams, shared_data)
+    hp = embedded_hparams(MOSEHyperParams, shared_data, name)
     cases = load_cases(10)
     original = snapshot(model)
     me.reset_session(model)
