@@ -60,13 +60,9 @@ def _split_top_level(text: str) -> list[str]:
     return parts + [current]
 
 
-def matrix_stats(weight: torch.Tensor) -> tuple[float, float]:
-    s = torch.linalg.svdvals(weight.double())
-    return float(s.norm()), float(s[0] / s[-1])
-
-
 def run_config(name: str, method: str, overrides: dict, cases: list[dict], args) -> dict:
     import mose_easyedit as me
+    from mose_easyedit.experiments.stability import weight_stability
     from mose_easyedit.evaluation import cache_locality_reference, evaluate_requests, summarize, token_accuracy
     from mose_easyedit.methods import METHODS
     from mose_easyedit.modeling import read_weight
@@ -94,11 +90,11 @@ def run_config(name: str, method: str, overrides: dict, cases: list[dict], args)
     summary = summarize(records)
     drift_norm = drift_kappa = moved = 0.0
     for module, w0 in originals.items():
-        w = read_weight(model, module).double().cpu()
-        n0, k0 = matrix_stats(w0)
-        n1, k1 = matrix_stats(w)
-        drift_norm, drift_kappa = max(drift_norm, abs(n1 / n0 - 1)), max(drift_kappa, abs(k1 / k0 - 1))
-        moved = max(moved, float((w - w0).norm() / w0.norm()))
+        before = weight_stability(w0)
+        after = weight_stability(read_weight(model, module).cpu(), w0)
+        drift_norm = max(drift_norm, abs(after["frobenius"] / before["frobenius"] - 1))
+        drift_kappa = max(drift_kappa, abs(after["kappa"] / before["kappa"] - 1))
+        moved = max(moved, after["delta_frobenius"] / before["frobenius"])
     per_layer = [layer for entry in session for layer in entry.get("per_layer", {}).values()]
     fit, angle, rho, alpha, reachable = ([value for layer in per_layer for value in _as_list(layer.get(key))]
                                          for key in ("fit_error", "angle", "rho", "alpha_over_k", "reachable"))

@@ -241,7 +241,8 @@ class MOSE(Method):
             return None
         keys, _, _ = ctx.keys(window)
         if hp.rotation_side == "output":
-            outputs = [ctx.weight(layer) @ keys[layer].to(ctx.weight(layer).device) for layer in window]
+            weights = {layer: ctx.weight(layer) for layer in window}
+            outputs = [weights[layer] @ keys[layer].to(weights[layer].device) for layer in window]
             return lambda delta: project_to_spheres(delta, outputs).to(delta.device)
         readers, radii = [], []
         for layer in window:
