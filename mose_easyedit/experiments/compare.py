@@ -61,7 +61,8 @@ def comparison_table(summaries: Sequence[Mapping]) -> str:
             lines.append("| " + " | ".join(cells + [_number(before.get(t)) for t in tasks] + [""]) + " |")
         metrics = summary.get("metrics") or {}
         after = general.get("after") or {}
-        method = summary["method"] + (f" ({summary['ablation']})" if summary.get("ablation") else "")
+        method = (summary.get("label") or summary["method"]) + (f" ({summary['ablation']})"
+                                                                if summary.get("ablation") else "")
         row = ([method, summary["model"], summary["data"], str(summary["num_edits"]), str(summary["batch_size"]),
                 _number(metrics.get("reliability")), _number(metrics.get("generalization")),
                 _number(metrics.get("locality"))]
@@ -85,7 +86,7 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path) -> str:
     markdown = "# Sequential editing: comparison\n\n" + table + note
     atomic_write_text(out_dir / "comparison.md", markdown)
     atomic_write_json(out_dir / "comparison.json", [
-        {"run_dir": str(d), **{k: s.get(k) for k in ("method", "model", "data", "num_edits", "batch_size",
+        {"run_dir": str(d), **{k: s.get(k) for k in ("method", "label", "model", "data", "num_edits", "batch_size",
                                                      "ablation", "metrics", "general", "time")}}
         for d, s in zip(run_dirs, summaries)])
     plots = plot_compare(runs, out_dir)

@@ -39,7 +39,7 @@ def _layer_order(module: str) -> tuple:
 
 
 def run_label(summary: Mapping) -> str:
-    label = f"{summary.get('method')} · {summary.get('model')} · b={summary.get('batch_size')}"
+    label = f"{summary.get('label') or summary.get('method')} · {summary.get('model')} · b={summary.get('batch_size')}"
     if summary.get("ablation"):
         label += f" · {summary['ablation']}"
     return label

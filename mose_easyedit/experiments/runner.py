@@ -66,7 +66,7 @@ LOADERS = {"counterfact": load_counterfact, "zsre": load_zsre, "conceptedit": lo
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: Keys that may change between a run and its resumption without changing its results.
 RUNTIME_KEYS = ("num_threads", "general_cache", "checkpoint_every", "keep_checkpoint", "progress", "log_level",
-                "output_dir", "run_name", "data_dir", "data.path", "hparams_file")
+                "output_dir", "run_name", "label", "method.label", "data_dir", "data.path", "hparams_file")
 
 CONFIG_FILE, HPARAMS_FILE, RESULTS_FILE, SUMMARY_FILE = "config.yaml", "hparams.yaml", "results.jsonl", "summary.json"
 CHECKPOINT_FILE, PROGRESS_FILE, LOG_FILE = "checkpoint.pt", "progress.json", "run.log"
@@ -202,9 +202,17 @@ def requests_digest(requests: Sequence[dict]) -> str:
 
 
 def hparams_path(cfg: DictConfig) -> Path:
+    """``hparams_file``, else the shipped ``<method.name>/<method.hparams>.yaml`` (a variant such as MOSE-input
+    names its file there), else ``<method.name>/<model.id>.yaml``."""
     if cfg.hparams_file:
         return Path(str(cfg.hparams_file)).expanduser()
-    return HPARAMS_ROOT / cfg.method.name / f"{cfg.model.id}.yaml"
+    return HPARAMS_ROOT / cfg.method.name / f"{cfg.method.get('hparams') or cfg.model.id}.yaml"
+
+
+def method_label(cfg: DictConfig) -> str:
+    """The name of the run's row in comparisons: ``label`` (by default the method config's ``label``, as for the
+    variant MOSE-input, else the method's name)."""
+    return str(cfg.get("label") or cfg.method.get("label") or cfg.method.name)
 
 
 def _read_yaml_mapping(path: Path) -> dict:
@@ -414,7 +422,7 @@ class SequentialRun:
         if not config_path.exists():
             ckpt.atomic_write_text(config_path, OmegaConf.to_yaml(cfg, resolve=True))
         ckpt.atomic_write_text(hp_path, yaml.safe_dump(hparams_dict, sort_keys=False))
-        logger.info("run %s: %s on %s, %s, %d edit(s) in steps of %d", self.dir, cfg.method.name, cfg.model.id,
+        logger.info("run %s: %s on %s, %s, %d edit(s) in steps of %d", self.dir, method_label(cfg), cfg.model.id,
                     cfg.data.name, cfg.num_edits, cfg.batch_size)
 
         torch.set_num_threads(cfg.num_threads)
@@ -552,9 +560,8 @@ class SequentialRun:
         if per_layer:
             diagnostics["per_layer"] = {str(k): v for k, v in per_layer.items()}
         record["method"] = diagnostics
-        stages = entry.get("seconds", {})
-        seconds = {"keys": float(stages.get("keys", 0.0)), "targets": float(stages.get("targets", 0.0)),
-                   "update": float(stages.get("update", 0.0)), "edit": edit_seconds}
+        stages = {stage: float(value) for stage, value in entry.get("seconds", {}).items() if stage != "total"}
+        seconds = {"keys": 0.0, "targets": 0.0, "update": 0.0, **stages, "edit": edit_seconds}
         last = step + 1 == steps
         if last or (cfg.stability_every and (step + 1) % cfg.stability_every == 0):
             begin = time.perf_counter()
@@ -752,6 +759,7 @@ class SequentialRun:
         return {
             "complete": True,
             "method": cfg.method.name,
+            "label": method_label(cfg),
             "model": cfg.model.id,
             "data": cfg.data.name,
             "num_edits": n,
