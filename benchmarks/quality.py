@@ -117,7 +117,7 @@ def speed(run_dir: Path) -> dict[str, float]:
             "update": median(("update",)), "steps": sum(steps(r) for r in records) / facts}
 
 
-def stability_speed_table(summaries: list[dict], speeds: list[dict], easyedit: list[dict]) -> str:
+def stability_speed_table(summaries: list[dict], speeds: list[dict]) -> str:
     memit = next((sp["edit"] for s, sp in zip(summaries, speeds) if s.get("label", s["method"]) == "MEMIT"), None)
     lines = ["| Method | max rel. ‖W‖_F change | max rel. κ₂ change | max ‖W − W₀‖_F/‖W₀‖_F | median s/edit | "
              "× MEMIT | keys s | targets s | update s | target steps/edit | run wall min |",
@@ -129,10 +129,22 @@ def stability_speed_table(summaries: list[dict], speeds: list[dict], easyedit: l
                      f"{st['max_relative_kappa_change']:.2e} | {st['max_relative_distance']:.3f} | "
                      f"{sp['edit']:.2f} | {ratio(sp['edit'])} | {sp['keys']:.2f} | {sp['targets']:.2f} | "
                      f"{sp['update']:.2f} | {sp['steps']:.1f} | {s['time']['wall_seconds'] / 60:.1f} |")
-    for row in easyedit:
-        lines.append(f"| {row['label']} | – | – | – | {row['median_seconds']:.2f} | {ratio(row['median_seconds'])} "
-                     f"| – | – | – | – | {row['wall_seconds'] / 60:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def easyedit_table(rows: list[dict]) -> str:
+    """EasyEdit's own implementations against ours, both through BaseEditor in one process on the same cases."""
+    if not rows:
+        return ""
+    lines = ["EasyEdit's own implementation against ours through the same `BaseEditor`, one after the other in one "
+             "process, on the first cases of the run (`benchmarks/easyedit_speed.py`; median seconds per fact of "
+             "the apply call alone):", "", "| EasyEdit | s/edit | ours | s/edit | EasyEdit / ours | edits |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['label']} | {row['median_seconds']:.2f} | {row['ours_label']} | "
+                     f"{row['ours_median_seconds']:.2f} | {row['median_seconds'] / row['ours_median_seconds']:.2f} "
+                     f"| {row['edits']} |")
+    return "\n".join(lines) + "\n\nSettings: " + rows[0]["note"] + ".\n"
 
 
 def easyedit_rows(args, name: str, num_edits: int, batch: int) -> list[dict]:
@@ -241,13 +253,12 @@ def main(argv=None) -> int:
         if same:
             note += (f"{', '.join(same)} edits the facts of a call one after another, so its batch-sequential run "
                      f"makes exactly the edits of its single-sequential run: its row here is that run (b = 1).\n\n")
-        ee = easyedit_rows(args, name, n, b)
-        ee_note = "".join(f"\n{row['label']}: {row['note']}\n" for row in ee)
+        ee = easyedit_table(easyedit_rows(args, name, n, b))
         sections.append(f"## {title}\n\n{note}After the last edit (retention), EasyEdit's convention; general "
                         f"tasks on {args.general_subset} examples each.\n\n{table}\n### Numerical stability and "
                         f"speed\n\nSeconds are medians over edit calls, per fact; target steps are Adam steps per "
                         f"fact (MOSE-OFT: steps training its rotation).\n\n"
-                        f"{stability_speed_table(summaries, [speed(d) for d in dirs], ee)}{ee_note}\n"
+                        f"{stability_speed_table(summaries, [speed(d) for d in dirs])}\n{ee}\n"
                         f"Curves: `{name}/compare_*.png`.\n")
     import torch
 

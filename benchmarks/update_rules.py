@@ -46,7 +46,7 @@ def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[576, 2048, 4096], help="hidden sizes d")
     parser.add_argument("--n-keys", type=int, nargs="+", default=[1, 10], help="edits per batch n")
-    parser.add_argument("--key-ratio", type=int, default=4, help="p = key_ratio · d")
+    parser.add_argument("--key-ratio", type=float, default=4, help="p = key_ratio · d (LLaMA: 3.5)")
     parser.add_argument("--repeats", type=int, default=3, help="sequential edit steps timed per (d, n)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
@@ -87,7 +87,7 @@ def householder_spectral_pair(spectrum: torch.Tensor, mask: torch.Tensor, genera
 
 
 def benchmark_size(out_dim: int, n_keys: int, args, device: torch.device) -> dict:
-    in_dim = args.key_ratio * out_dim
+    in_dim = int(round(args.key_ratio * out_dim))
     generator = torch.Generator().manual_seed(args.seed + out_dim)
 
     def gaussian(*shape):

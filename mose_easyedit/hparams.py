@@ -165,6 +165,9 @@ class HyperParams:
 class LocateEditHyperParams(HyperParams):
     """What the shared locate-then-edit core reads."""
 
+    # Whether the method reads the key statistics C (the experiment runner warms them only then).
+    USES_KEY_STATISTICS: ClassVar[bool] = True
+
     # Layers: the edited window (fixed-layer methods) or the fallback window (MOSE with selection off).
     layers: list[int]
     # Module templates ("{}" is the layer index), as in EasyEdit.

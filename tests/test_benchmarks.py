@@ -14,12 +14,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_quality_benchmark_runs_reuses_and_reports(shared_data, tmp_path):
-    """ROME (one fact at a time) and MOSE, 2 single edits and one batch of 2: three runs (ROME's batch row is its
-    single run), one report with both scenarios, the run-time line; a second invocation starts nothing."""
+    """ROME (one fact at a time) and the MOSE-input variant, 2 single edits and one batch of 2, as Hydra multiruns on
+    the joblib launcher: three runs (ROME's batch row is its single run), one report with both scenarios, the speed
+    table (stages, target steps), the run-time line; a second invocation starts nothing."""
     if not CORPUS.exists():
         pytest.skip(f"corpus {CORPUS} is absent")
     out = tmp_path / "bench"
-    command = [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--methods", "ROME", "MOSE",
+    command = [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--methods", "ROME", "MOSE-input",
                "--single", "2", "--batch", "2x1", "--general-subset", "2", "--curve-points", "1",
                "--stability-points", "1", "--curve-facts", "2", "--jobs", "2", "--out", str(out), "--",
                f"data_dir={shared_data}", "general_tasks=[sst2]", f"+hparams_overrides.mom2_dataset={CORPUS}",
@@ -28,14 +29,29 @@ def test_quality_benchmark_runs_reuses_and_reports(shared_data, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     runs = sorted(p.name for p in (out / "runs").iterdir() if p.is_dir())
-    assert runs == ["MOSE-batch", "MOSE-single", "ROME-single"]
+    assert runs == ["MOSE-input-batch", "MOSE-input-single", "ROME-single"]
+    assert "joblib" in (out / "single.log").read_text(encoding="utf-8").lower()  # Hydra's launcher ran them
+    hparams = (out / "runs" / "MOSE-input-single" / "hparams.yaml").read_text(encoding="utf-8")
+    assert "rotation_side: input" in hparams
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "## single-sequential, 2 edits" in report and "## batch-sequential, 1 steps of 2" in report
     batch = report[report.index("## batch-sequential"):]
     assert "ROME edits the facts of a call one after another" in batch
     metrics = batch[:batch.index("Numerical stability")]  # the first of the scenario's two tables
     rows = {line.split("|")[1].strip(): line for line in metrics.splitlines() if line.startswith(("| ROME", "| MOSE"))}
-    assert rows["ROME"].split("|")[5].strip() == "1" and rows["MOSE"].split("|")[5].strip() == "2"  # b column
+    assert rows["ROME"].split("|")[5].strip() == "1" and rows["MOSE-input"].split("|")[5].strip() == "2"  # b column
+    single = report[:report.index("## batch-sequential")]
+    speed = single[single.index("Numerical stability"):]
+    header = next(line for line in speed.splitlines() if line.startswith("| Method"))
+    expected = ["median s/edit", "× MEMIT", "keys s", "targets s", "update s", "target steps/edit"]
+    assert [c.strip() for c in header.split("|")[5:11]] == expected
+    for name in ("ROME", "MOSE-input"):
+        cells = next(line for line in speed.splitlines() if line.startswith(f"| {name} |")).split("|")
+        results = (out / "runs" / f"{name}-single" / "results.jsonl").read_text(encoding="utf-8")
+        records = [json.loads(line) for line in results.splitlines()]
+        steps = sum(sum(r["method"]["target_steps"]) for r in records) / 2
+        assert float(cells[10]) == pytest.approx(steps, abs=0.05) and 1 <= steps <= 4  # v_num_grad_steps=4
+        assert float(cells[5]) > 0 and float(cells[8]) > 0  # median s/edit, targets s
     walls = [json.loads((out / "runs" / r / "summary.json").read_text())["time"]["wall_seconds"] for r in runs]
     assert f"- runs: 3, {sum(walls) / 60:.1f} min of run wall time in all" in report
     for scenario in ("single", "batch"):

@@ -90,6 +90,49 @@ def test_config_overrides_and_hparams(shared_data, tmp_path):
     assert not (tmp_path / "never-written").exists()  # a bad config creates no run directory
 
 
+def test_method_variant_and_label_name_the_run_and_its_hyperparameters(shared_data, tmp_path):
+    """method=MOSE-input runs MOSE with hparams/MOSE/<model>-input.yaml under its own label; label=... renames any
+    run's row; a model without the variant's file fails in one line naming the missing file."""
+    from mose_easyedit.experiments.compare import comparison_table
+    from mose_easyedit.experiments.runner import hparams_path, method_label
+    from mose_easyedit.hparams import HPARAMS_ROOT
+
+    cfg = compose_config([f"data_dir={shared_data}", "method=MOSE-input"])
+    assert method_label(cfg) == "MOSE-input" and cfg.output_dir == "runs/MOSE-input-smollm2-135m-counterfact-n100-b1-s0"
+    assert hparams_path(cfg) == HPARAMS_ROOT / "MOSE" / "smollm2-135m-input.yaml"
+    hp = build_hparams(cfg)
+    assert (hp.rotation_side, hp.input_subspace, hp.early_stop_on, hp.undo_history) == (
+        "input", "null_c", "most_probable", 0)
+    assert build_hparams(compose_config([f"data_dir={shared_data}"])).rotation_side == "output"
+    renamed = compose_config([f"data_dir={shared_data}", "method=AlphaEdit", "label=AlphaEdit-mp"])
+    assert method_label(renamed) == "AlphaEdit-mp" and renamed.output_dir.startswith("runs/AlphaEdit-mp-smollm2")
+    with pytest.raises(ExperimentError, match=r"MOSE/llama3-8b-input\.yaml does not exist"):
+        build_hparams(compose_config([f"data_dir={shared_data}", "method=MOSE-input", "model=llama3-8b"]))
+
+    summary = {"method": "MOSE", "label": "MOSE-input", "model": "m", "data": "d", "num_edits": 1, "batch_size": 1,
+               "metrics": {"reliability": 0.5}, "time": {"sec_per_edit": 1.0}}
+    rows = [line for line in comparison_table([summary]).splitlines() if line.startswith("| MOSE")]
+    assert rows and rows[0].startswith("| MOSE-input | m | d | 1 | 1 | 0.5000")
+
+
+def test_statistics_are_warmed_only_for_methods_that_read_them(tokenizer, shared_data, monkeypatch):
+    """MOSE-OFT never reads C: its run must not sample a statistics corpus (minutes on a CPU); MEMIT's must."""
+    from conftest import build_tiny_model, tiny_hparams
+    from mose_easyedit.experiments import runner
+    from mose_easyedit.methods import MEMITHyperParams, MOSEOFTHyperParams
+
+    calls = []
+    monkeypatch.setattr(runner, "second_moments", lambda model, tok, layers, hp: calls.append(list(layers)) or {})
+    for cls, expected in ((MOSEOFTHyperParams, []), (MEMITHyperParams, [[1, 2]])):
+        calls.clear()
+        sequential = runner.SequentialRun(compose_config([f"data_dir={shared_data}"]))
+        sequential.model, sequential.tok = build_tiny_model("llama", len(tokenizer)), tokenizer
+        sequential.hparams = tiny_hparams(cls, "llama")
+        sequential._warm_caches()
+        assert calls == expected, cls.__name__
+        assert sorted(sequential.originals) == ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
+
+
 def test_requests_from_configured_data(shared_data, tmp_path):
     cfg = compose_config([f"data_dir={shared_data}", "data=zsre", "num_edits=4"])
     requests = load_requests(cfg)
@@ -273,9 +316,13 @@ def test_end_to_end_run_outputs(reference_run, shared_data):
     assert timing["sec_per_edit"] == pytest.approx(sum(r["seconds"]["edit"] for r in records) / 2)
     assert timing["sec_per_edit"] >= timing["keys_per_edit"] + timing["targets_per_edit"]
 
-    start = time.perf_counter()  # a complete run re-invoked returns its summary at once
-    again = run(compose_config(tiny_overrides(shared_data, run_dir)))
-    assert again == summary and time.perf_counter() - start < 10
+    written = {name: (run_dir / name).stat().st_mtime_ns for name in ("results.jsonl", "summary.json")}
+    log = run_dir / "run.log"
+    complete = log.read_text(encoding="utf-8").count("is already complete")
+    again = run(compose_config(tiny_overrides(shared_data, run_dir)))  # a complete run re-invoked: nothing re-run
+    assert again == summary
+    assert {name: (run_dir / name).stat().st_mtime_ns for name in written} == written
+    assert log.read_text(encoding="utf-8").count("is already complete") == complete + 1
 
 
 @pytest.mark.slow

@@ -458,7 +458,7 @@ class SequentialRun:
         start = time.perf_counter()
         if hasattr(hp, "context_template_length_params"):
             context_templates(model, self.tok, hp.context_template_length_params, hp.seed)
-        if hasattr(hp, "mom2_dataset") and layers:
+        if getattr(hp, "USES_KEY_STATISTICS", False) and layers:
             second_moments(model, self.tok, layers, hp)
         modules = [hp.rewrite_module_tmp.format(layer) for layer in layers]
         self.originals = {m: read_weight(model, m).detach().to("cpu", copy=True) for m in modules}

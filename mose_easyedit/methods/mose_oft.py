@@ -47,7 +47,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +73,8 @@ class MOSEOFTHyperParams(LocateEditHyperParams):
     ``use_context_templates``) ``context_template_length_params`` are read; target optimisation and covariance
     statistics are not used.
     """
+
+    USES_KEY_STATISTICS: ClassVar[bool] = False
 
     ALG_NAMES = ("MOSE-OFT", "MOSE-OFT-core")  # the "-core" name: see easyedit.accepted_alg_names
 
