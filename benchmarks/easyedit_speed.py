@@ -121,6 +121,9 @@ def main(argv=None) -> int:
     seed_statistics(ours, model_dir, work / "stats")
     values = {key: getattr(ours, key) for key in EASYEDIT_FIELDS[args.method]}
     values["v_loss_layer"] = values["v_loss_layer"] if values["v_loss_layer"] is not None else 29
+    # SmolLM2 ties lm_head to the embeddings, so EasyEdit finds no "lm_head.weight" parameter; EasyEdit's own YAML
+    # for the tied llama3.2 names the embedding instead
+    values["lm_head_module"] = "model.embed_tokens"
     theirs_cls = TheirAlphaEdit if args.method == "AlphaEdit" else TheirMEMIT
     extra = {"P_loc": str(work / f"null_space_project-{args.method}.pt")} if args.method == "AlphaEdit" else {}
     theirs = theirs_cls(alg_name=args.method, model_name=str(model_dir), device="cpu", layer_selection="all",
@@ -129,14 +132,14 @@ def main(argv=None) -> int:
     cases = requests(args.num_edits)
     os.chdir(work)  # EasyEdit writes logs/ into the working directory
     rows = {}
-    for label, hparams in ((f"EasyEdit {args.method}", theirs), (f"{ours.alg_name} (ours)", ours)):
+    for label, hparams in ((f"EasyEdit's {args.method}", theirs), (f"ours ({ours.alg_name})", ours)):
         logger.info("%s: %d edit(s), b = %d, through BaseEditor", label, len(cases), args.batch)
         seconds = timed_edits(BaseEditor.from_hparams(hparams), cases, args.batch)
         rows[label] = seconds
         logger.info("%s: median %.2f s per fact", label, statistics.median(seconds))
     (theirs_label, theirs_s), (ours_label, ours_s) = rows.items()
-    result = {"label": f"{theirs_label} (BaseEditor)", "median_seconds": statistics.median(theirs_s),
-              "wall_seconds": sum(theirs_s) * args.batch, "ours_label": f"{ours_label} (BaseEditor)",
+    result = {"label": theirs_label, "median_seconds": statistics.median(theirs_s),
+              "wall_seconds": sum(theirs_s) * args.batch, "ours_label": ours_label,
               "ours_median_seconds": statistics.median(ours_s), "ours_wall_seconds": sum(ours_s) * args.batch,
               "edits": len(cases), "batch": args.batch, "seconds": theirs_s, "ours_seconds": ours_s,
               "note": NOTE.format(stop=ours.target_early_stop, early=ours.early_stop_on)}

@@ -191,7 +191,7 @@ def parse_args(argv):
                         help="Hydra launcher: local processes (joblib) or a SLURM cluster, one GPU per run (submitit)")
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)), help="local runs in parallel")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--easyedit-edits", type=int, default=20,
+    parser.add_argument("--easyedit-edits", type=int, default=10,
                         help="edits of EasyEdit's own MEMIT and AlphaEdit per scenario when EASYEDIT_PATH is set "
                              "(0 = skip)")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark"))

@@ -569,3 +569,21 @@ def test_easyedits_method_and_ours_on_the_same_requests(name, implementation, re
 
     _assert_edits_succeeded(metrics, label)
     assert _changed(editor.model, before)
+
+
+@pytest.mark.easyedit
+@easyedit_checkout
+def test_easyedit_speed_script_times_both_implementations(tmp_path):
+    """``benchmarks/easyedit_speed.py`` (what ``quality.py`` runs with EASYEDIT_PATH set): EasyEdit's MEMIT and ours
+    through the same BaseEditor on the same two cases, one timing per fact each."""
+    import subprocess
+
+    out = tmp_path / "MEMIT.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "easyedit_speed.py"), "--method", "MEMIT",
+                           "--num-edits", "2", "--out", str(out)], capture_output=True, text=True, timeout=1200,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert (result["label"], result["ours_label"]) == ("EasyEdit's MEMIT", "ours (MEMIT-core)")
+    assert len(result["seconds"]) == len(result["ours_seconds"]) == 2 and result["edits"] == 2
+    assert result["median_seconds"] > 0 and result["ours_median_seconds"] > 0
