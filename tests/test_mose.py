@@ -208,10 +208,14 @@ def test_carried_preservation_moment_matches_a_rebuild(tokenizer):
 
 
 # sha256 of the tiny models' state after the edits below, as the code of commit 2aa2e21 (before the input side,
-# target_reach and most-probable stopping existed) computes them; the defaults must still reproduce them.
+# target_reach and most-probable stopping existed) computes them; the defaults must still reproduce them. The last
+# bits depend on the machine's floating-point kernels and library builds, so each environment the project has run
+# on has its own digest, every one computed by 2aa2e21's code there (a worktree at 2aa2e21 running these edits).
 PAPER_MOSE_DIGESTS = {
-    "llama": "1361a18d52f95f0e0c77fe9687d829c2021ab9a764863127a8dc232afad109ee",
-    "gpt2": "d94d7c5847003d5bf228ae2a8e6c3feee4535f175f04ecc0a877c0f0bc0f3d63",
+    "llama": ("1361a18d52f95f0e0c77fe9687d829c2021ab9a764863127a8dc232afad109ee",
+              "acb20dc7bcb4f1d059a24887add2e81382ffca9d4bbb00479d7296731b329616"),
+    "gpt2": ("d94d7c5847003d5bf228ae2a8e6c3feee4535f175f04ecc0a877c0f0bc0f3d63",
+             "e9aa737ec24e0ee13d9ab9bde1626dbcd8a23a2fa7832c8fcc7daada951ed643"),
 }
 
 
@@ -229,4 +233,4 @@ def test_paper_side_with_free_targets_reproduces_the_earlier_results_bit_for_bit
     for name, p in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(p.detach().contiguous().numpy().tobytes())
-    assert digest.hexdigest() == PAPER_MOSE_DIGESTS[family]
+    assert digest.hexdigest() in PAPER_MOSE_DIGESTS[family]
