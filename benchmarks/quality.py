@@ -96,14 +96,12 @@ def launch(name: str, num_edits: int, batch: int, labels: list[str], args, extra
     return code
 
 
-def read_records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines() if line.strip()]
-
-
 def speed(run_dir: Path) -> dict[str, float]:
     """Median over edit calls of each stage's seconds per fact (targets: the target optimisation, or MOSE-OFT's
     training of its rotation), and the target steps per fact (Adam steps, each a forward and a backward pass)."""
-    records = [r for r in read_records(run_dir) if "seconds" in r and r.get("case_ids")]
+    from mose_easyedit.experiments.checkpoint import read_jsonl
+
+    records = [r for r in read_jsonl(run_dir / "results.jsonl") if "seconds" in r and r.get("case_ids")]
 
     def median(stages: tuple[str, ...]) -> float:
         return statistics.median(sum(r["seconds"].get(s, 0.0) for s in stages) / len(r["case_ids"]) for r in records)
