@@ -330,9 +330,13 @@ def evaluate_requests(model, tok, requests: Sequence[dict], reference: OriginalO
     return records
 
 
+STRICT_METRICS = ("reliability", "generalization")
+
+
 def summarize(records: Sequence[dict]) -> dict:
     """Mean of every numeric metric over the records that have it (``case_id`` and non-numbers skipped), plus
-    ``count``, the number of records."""
+    ``strict_reliability`` / ``strict_generalization`` (the fraction of records scoring 1.0: every target token
+    the argmax) and ``count``, the number of records."""
     totals: dict[str, list[float]] = {}
     for record in records:
         for key, value in record.items():
@@ -341,6 +345,9 @@ def summarize(records: Sequence[dict]) -> dict:
             if isinstance(value, (int, float)) and not math.isnan(float(value)):
                 totals.setdefault(key, []).append(float(value))
     summary = {key: sum(values) / len(values) for key, values in totals.items()}
+    for key in STRICT_METRICS:
+        if key in totals:  # the fraction of facts whose every target token is the argmax
+            summary[f"strict_{key}"] = sum(value == 1.0 for value in totals[key]) / len(totals[key])
     summary["count"] = len(records)
     return summary
 

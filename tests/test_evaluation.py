@@ -147,6 +147,9 @@ def test_evaluate_requests_and_summary(default_model, requests_mixed):
     assert summary["reliability"] == pytest.approx(sum(r["reliability"] for r in records) / len(records))
     assert summary["portability"] == pytest.approx((records[3]["portability"] + records[4]["portability"]) / 2)
     assert "case_id" not in summary
+    assert summary["strict_reliability"] == sum(r["reliability"] == 1.0 for r in records) / len(records)
+    assert summary["strict_generalization"] == pytest.approx(
+        sum(r["generalization"] == 1.0 for r in records) / len(records))
     without_reference = evaluate_requests(model, tok, requests_mixed, progress=False)
     assert all("locality" not in r for r in without_reference)
 
