@@ -236,15 +236,33 @@ def project_to_reach(delta: torch.Tensor, readers: list[Reader], radii: torch.Te
     return sum(parts).T.to(delta.dtype)
 
 
-def project_to_spheres(delta: torch.Tensor, outputs: list[torch.Tensor], sweeps: int = 20) -> torch.Tensor:
+def project_to_spheres(delta: torch.Tensor, outputs: list[torch.Tensor], sweeps: int = 20,
+                       max_angle: float | None = None) -> torch.Tensor:
     """Output side: the share s = δ / L that every layer l of the window can deliver by a rotation keeps
     ‖W_l k_l + s‖ = ‖W_l k_l‖; alternating projections of s onto those spheres (``outputs`` = [W_l K_l], d×n
-    each), returned as L·s (n×d)."""
+    each), returned as L·s (n×d). With ``max_angle`` (radians) each sphere is cut to the cap of points within
+    that angle of W_l k_l (a trust region: the request turns no output further)."""
     count = len(outputs)
     share = delta.T.to(outputs[0].dtype) / count
     for _ in range(sweeps):
         for u in outputs:
             moved = share + u
-            norms = moved.norm(dim=0).clamp(min=1e-30)
-            share = moved * (u.norm(dim=0) / norms) - u
+            radius = u.norm(dim=0)
+            moved = moved * (radius / moved.norm(dim=0).clamp(min=1e-30))
+            if max_angle is not None:
+                moved = _into_cap(moved, u, radius, max_angle)
+            share = moved - u
     return (share * count).T.to(delta.dtype)
+
+
+def _into_cap(points: torch.Tensor, centres: torch.Tensor, radius: torch.Tensor, max_angle: float) -> torch.Tensor:
+    """Columns of ``points`` (on the spheres of ``radius`` around 0) moved along their great circle to within
+    ``max_angle`` of the matching column of ``centres``."""
+    unit = centres / radius.clamp(min=1e-30)
+    along = (points * unit).sum(dim=0)
+    across = points - unit * along
+    across_norm = across.norm(dim=0)
+    angle = torch.atan2(across_norm, along)
+    outside = angle > max_angle
+    capped = radius * (math.cos(max_angle) * unit + math.sin(max_angle) * across / across_norm.clamp(min=1e-30))
+    return torch.where(outside, capped, points)

@@ -304,6 +304,41 @@ def procrustes_rotation(W: torch.Tensor, C: torch.Tensor, K: torch.Tensor, V: to
     return polar_factor(cross_moment, method=method, init=init)
 
 
+def rotation_trust_region(R: torch.Tensor, max_distance: float) -> tuple[torch.Tensor, float]:
+    """Shorten the rotation R along its geodesic from I so that ‖R_t − I‖_F ≤ ``max_distance``.
+
+    R_t = exp(t·log R) turns each of R's invariant planes by t·θ instead of θ (same planes, same sense); the
+    largest t ∈ [0, 1] within the bound is returned with R_t (t = 1 and R itself when R is already inside).
+    With S = (R + Rᵀ)/2 = Σ cos θ_i u_i u_iᵀ and A = (R − Rᵀ)/2 (S and A commute since R is normal),
+    R_t = f(S) + g(S) A with f(cos θ) = cos tθ and g(cos θ) = sin tθ / sin θ; ‖R_t − I‖_F² = Σ_i 2 − 2 cos tθ_i
+    over the d eigenvalues of S. One symmetric eigendecomposition, float64. A plane turned by π (eigenvalue
+    −1) has no unique geodesic; it is shortened as if turned by π − 1e-12.
+    """
+    R = _float64(_check_tensor("R", R, 2))
+    _check_square("R", R)
+    max_distance = _check_positive("max_distance", max_distance)
+    distance = float(torch.linalg.norm(R - torch.eye(R.shape[0], dtype=R.dtype, device=R.device)))
+    if distance <= max_distance:
+        return R, 1.0
+    cosines, U = torch.linalg.eigh((R + R.T) / 2)
+    theta = torch.arccos(cosines.clamp(-1.0, 1.0)).clamp(max=math.pi - 1e-12)
+
+    def distance_at(t: float) -> float:
+        return float(torch.sqrt((2 - 2 * torch.cos(t * theta)).sum()))
+
+    low, high = 0.0, 1.0
+    for _ in range(60):  # distance_at is increasing in t on [0, 1] (every tθ_i ≤ π)
+        middle = (low + high) / 2
+        low, high = (middle, high) if distance_at(middle) <= max_distance else (low, middle)
+    t = low
+    sin_theta = torch.sin(theta)
+    small = sin_theta < 1e-8
+    ratio = torch.where(small, torch.full_like(theta, t), torch.sin(t * theta) / torch.where(small, 1.0, sin_theta))
+    f_of_s = (U * torch.cos(t * theta)) @ U.T
+    g_of_s = (U * ratio) @ U.T
+    return f_of_s + g_of_s @ ((R - R.T) / 2), t
+
+
 def procrustes_diagnostics(W: torch.Tensor, K: torch.Tensor, V: torch.Tensor, R: torch.Tensor) -> dict:
     """Floats describing one MOSE edit (all norms Frobenius, computed in float64):
 

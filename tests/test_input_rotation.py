@@ -156,6 +156,26 @@ def test_projection_onto_the_output_spheres_gives_shares_a_rotation_can_deliver(
     torch.testing.assert_close((outputs[0] + one.T).norm(dim=0), outputs[0].norm(dim=0), rtol=1e-12, atol=0)
 
 
+def test_projection_onto_capped_spheres_turns_no_output_further_than_the_cap():
+    g = torch.Generator().manual_seed(5)
+    outputs = [torch.randn(8, 2, generator=g, dtype=torch.float64) for _ in range(3)]
+    delta = 3 * torch.randn(2, 8, generator=g, dtype=torch.float64)
+    free = project_to_spheres(delta, outputs, sweeps=200)
+    capped = project_to_spheres(delta, outputs, sweeps=200, max_angle=0.2)
+
+    def angles(projected):
+        share = projected.T / 3
+        return torch.stack([torch.arccos(((u + share) * u).sum(0) / (u.norm(dim=0) ** 2)).clamp(max=math.pi)
+                            for u in outputs])
+
+    assert float(angles(free).max()) > 0.3  # the request is out of the cap
+    assert float(angles(capped).max()) <= 0.2 + 1e-6
+    for u in outputs:
+        torch.testing.assert_close((u + capped.T / 3).norm(dim=0), u.norm(dim=0), rtol=1e-4, atol=0)
+    small = 1e-3 * delta  # a request inside the cap is unchanged by it
+    torch.testing.assert_close(project_to_spheres(small, outputs, max_angle=0.2), project_to_spheres(small, outputs))
+
+
 def test_projection_onto_the_input_reach_keeps_reachable_targets_and_shrinks_the_others():
     W, k, g = _problem(seed=4)
     reader = Reader.build(W, lambda x: x)

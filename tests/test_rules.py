@@ -187,6 +187,26 @@ def test_procrustes_methods_agree(method):
     assert max_abs(rules.procrustes_rotation(W, C, K, V, lam=0.1, method=method) - reference) <= 1e-6
 
 
+def test_rotation_trust_region_shortens_along_the_geodesic():
+    # a rotation with known generator A (every angle < π), so the geodesic R^t = exp(tA) is known
+    A = random_matrix(OUT_DIM, OUT_DIM, 11, scale=0.08)
+    A = A - A.T
+    R = torch.linalg.matrix_exp(A)
+    identity = torch.eye(OUT_DIM, dtype=F64)
+    full = float(torch.linalg.norm(R - identity))
+    shortened, t = rules.rotation_trust_region(R, full / 3)
+    assert 0 < t < 1
+    assert float(torch.linalg.norm(shortened - identity)) == pytest.approx(full / 3, rel=1e-9)
+    torch.testing.assert_close(shortened, torch.linalg.matrix_exp(t * A), rtol=0, atol=1e-12)
+    torch.testing.assert_close(shortened.T @ shortened, identity, rtol=0, atol=1e-12)
+    W = random_matrix(OUT_DIM, IN_DIM, 12)
+    torch.testing.assert_close(torch.linalg.svdvals(shortened @ W), torch.linalg.svdvals(W), rtol=1e-10, atol=0)
+    inside, t_inside = rules.rotation_trust_region(R, full * 1.01)
+    assert t_inside == 1.0 and torch.equal(inside, R)
+    with pytest.raises(ValueError, match="max_distance"):
+        rules.rotation_trust_region(R, 0.0)
+
+
 def test_procrustes_diagnostics_values():
     W, C, K, V = edit_problem(7)
     diagnostics = rules.procrustes_diagnostics(W, K, V, identity(OUT_DIM))

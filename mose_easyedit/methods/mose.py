@@ -24,7 +24,7 @@ from ..input_rotation import (Reader, aimed_null_plane, aimed_plane, low_varianc
 from ..keys import model_cache
 from ..modeling import num_layers, read_weight, write_weight
 from ..rules import (POLAR_METHODS, preservation_moment, procrustes_diagnostics, procrustes_rotation,
-                     propagate_preservation_moment)
+                     propagate_preservation_moment, rotation_trust_region)
 from ..session import get_session
 from .alphaedit import null_space
 
@@ -73,6 +73,11 @@ class MOSEHyperParams(LocateEditHyperParams):
     # rotations can deliver: the output side's share keeps ‖W k + r‖ = ‖W k‖, the input side's stays within
     # the planes' reach).
     target_reach: str = "free"
+    # Output side, trust region (null: the paper's rule). max_rotation caps ‖R − I‖_F per layer and edit: a
+    # longer rotation is shortened along its geodesic from I (R^t), the rest of the request left undelivered.
+    # target_max_angle (radians, with target_reach: rotation) asks no layer to turn W k further than this.
+    max_rotation: Optional[float] = None
+    target_max_angle: Optional[float] = None
 
     def validate(self, source: str = "<hparams>") -> None:
         super().validate(source)
@@ -98,6 +103,12 @@ class MOSEHyperParams(LocateEditHyperParams):
             raise ValueError(f"{source}: key 'input_a_ridge' must be > 0 or null")
         if not self.nullspace_threshold > 0:
             raise ValueError(f"{source}: key 'nullspace_threshold' must be > 0")
+        for key in ("max_rotation", "target_max_angle"):
+            value = getattr(self, key)
+            if value is not None and not (value > 0 and self.rotation_side == "output"):
+                raise ValueError(f"{source}: key '{key}' must be > 0 or null, and needs rotation_side: output")
+        if self.target_max_angle is not None and self.target_reach != "rotation":
+            raise ValueError(f"{source}: key 'target_max_angle' needs target_reach: rotation")
 
     def layer_fields(self) -> tuple[str, ...]:
         return ("layers", "candidate_layers") if self.layer_selection else ("layers",)
@@ -168,8 +179,14 @@ class MOSE(Method):
                 outputs = W @ earlier.to(W.device, torch.float64)
                 G = G + gamma * outputs @ outputs.T
         R = procrustes_rotation(W, None, K, values, hp.mose_lambda, method=hp.polar_method, preservation=G)
+        fraction = 1.0
+        if hp.max_rotation is not None:
+            R, fraction = rotation_trust_region(R, hp.max_rotation)
         new_weight = R @ W
-        ctx.diagnostics.setdefault("per_layer", {})[batch.layer] = procrustes_diagnostics(W, K, values, R)
+        diagnostics = procrustes_diagnostics(W, K, values, R)
+        if hp.max_rotation is not None:
+            diagnostics["trust_fraction"] = fraction
+        ctx.diagnostics.setdefault("per_layer", {})[batch.layer] = diagnostics
         carried = propagate_preservation_moment(G, R, new_weight @ K, gamma)
         ctx.diagnostics.setdefault("_staged", {})[batch.module] = (R.float().cpu(), K.float().cpu(), setting,
                                                                    carried)
@@ -243,7 +260,7 @@ class MOSE(Method):
         if hp.rotation_side == "output":
             weights = {layer: ctx.weight(layer) for layer in window}
             outputs = [weights[layer] @ keys[layer].to(weights[layer].device) for layer in window]
-            return lambda delta: project_to_spheres(delta, outputs).to(delta.device)
+            return lambda delta: project_to_spheres(delta, outputs, max_angle=hp.target_max_angle).to(delta.device)
         readers, radii = [], []
         for layer in window:
             W = ctx.weight(layer)
