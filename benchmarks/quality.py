@@ -16,6 +16,7 @@ configuration shipped for the model (MOSE-input: ``hparams/MOSE/<model>-input.ya
 resumable: re-running the same command continues unfinished runs and skips finished ones.
 
     python benchmarks/quality.py --out runs/benchmark                    # defaults: fit 90 min per core on 2 CPUs
+    python benchmarks/quality.py --preset long --out runs/long           # 1000 and 10 x 100, curve every 100 edits
     python benchmarks/quality.py --preset paper --model llama3-8b --out runs/llama3   # 4000 and 10 x 500, a GPU
     python benchmarks/quality.py --preset paper --model llama3-8b --launcher slurm --out runs/llama3
 """
@@ -43,7 +44,11 @@ LONGEST_FIRST = ["MOSE-input", "MOSE", "AlphaEdit", "ROME", "PRUNE", "MEMIT", "R
 PRESETS = {
     "default": {"single": 100, "batch": "10x10", "general_subset": 40, "curve_points": 5, "curve_facts": 50},
     "paper": {"single": 4000, "batch": "10x500", "general_subset": 100, "curve_points": 8, "curve_facts": 200},
+    # the paper's regime at the embedded model's scale (docs/benchmarks.md §7): a curve point every 100 edits
+    "long": {"single": 1000, "batch": "10x100", "general_subset": 40, "curve_points": 10, "curve_facts": 100},
 }
+# the rows of a preset when --methods is not given (default: every method with hyperparameters for the model)
+PRESET_METHODS = {"long": ["AlphaEdit", "MEMIT", "MOSE", "MOSE-input"]}
 logger = logging.getLogger("benchmarks.quality")
 
 
@@ -171,7 +176,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      epilog="Arguments after -- are passed to every experiment as Hydra overrides.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                        help="the scale: default (fits 90 min per core on 2 CPU cores) or paper (4000, 10 x 500)")
+                        help="the scale: default (fits 90 min per core on 2 CPU cores), long (1000 and 10 x 100, "
+                             "AlphaEdit, MEMIT, MOSE, MOSE-input) or paper (4000, 10 x 500)")
     parser.add_argument("--methods", nargs="+", default=None,
                         help=f"method configs (default: {' '.join(METHODS)}, those with hyperparameters for --model)")
     parser.add_argument("--model", default="smollm2-135m")
@@ -210,7 +216,8 @@ def main(argv=None) -> int:
     args, extra = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.methods is None:
-        args.methods = [m for m in METHODS if method_config(m, args.model)[1].is_file()]
+        candidates = PRESET_METHODS.get(args.preset, METHODS)
+        args.methods = [m for m in candidates if method_config(m, args.model)[1].is_file()]
         skipped = sorted(set(METHODS) - set(args.methods))
         if skipped:
             logger.info("no hyperparameters for %s on %s: skipped", ", ".join(skipped), args.model)
