@@ -294,6 +294,10 @@ def test_end_to_end_run_outputs(reference_run, shared_data):
         assert record["method"]["per_layer"] and all("rho" in v and "fit_error" in v
                                                      for v in record["method"]["per_layer"].values())
         assert len(record["method"]["layers"]) == 3
+        immediate = record["immediate"]
+        assert immediate["strict_reliability"] == float(immediate["reliability"] == 1.0)
+    # no edit follows the last one, so its fact scores right after its edit what it scores in the retention
+    assert records[-1]["immediate"]["reliability"] == pytest.approx(records[-1]["retention"][0]["reliability"])
 
     assert summary == ckpt.read_json(run_dir / "summary.json")
     assert summary["complete"] and summary["num_edits"] == 2 and summary["steps"] == 2

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..data import DATA_ENV, load_conceptedit, load_counterfact, load_dataset, load_zsre
-from ..evaluation import OriginalOutputs, cache_locality_reference, evaluate_requests, summarize
+from ..evaluation import OriginalOutputs, cache_locality_reference, evaluate_requests, summarize, token_accuracy
 from ..general_tasks import TASKS, evaluate_general, task_file
 from ..hparams import HPARAMS_ROOT
 from ..keys import context_templates
@@ -560,8 +560,17 @@ class SequentialRun:
         if per_layer:
             diagnostics["per_layer"] = {str(k): v for k, v in per_layer.items()}
         record["method"] = diagnostics
+        # the step's own facts right after their edit (one forward pass): set against the curve's retention, it
+        # tells edits that failed when made from edits lost to later ones
+        begin = time.perf_counter()
+        accuracy = token_accuracy(model, self.tok, [r["prompt"] for r in batch], [r["target_new"] for r in batch],
+                                  cfg.eval_batch_size, progress=False)
+        record["immediate"] = {"reliability": sum(accuracy) / len(accuracy),
+                               "strict_reliability": sum(a == 1.0 for a in accuracy) / len(accuracy)}
+        immediate_seconds = time.perf_counter() - begin
         stages = {stage: float(value) for stage, value in entry.get("seconds", {}).items() if stage != "total"}
-        seconds = {"keys": 0.0, "targets": 0.0, "update": 0.0, **stages, "edit": edit_seconds}
+        seconds = {"keys": 0.0, "targets": 0.0, "update": 0.0, **stages, "edit": edit_seconds,
+                   "immediate": immediate_seconds}
         last = step + 1 == steps
         if last or (cfg.stability_every and (step + 1) % cfg.stability_every == 0):
             begin = time.perf_counter()
