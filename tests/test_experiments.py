@@ -17,7 +17,7 @@ from mose_easyedit.data import load_counterfact
 from mose_easyedit.experiments import ExperimentError, build_hparams, compose_config, load_requests, run
 from mose_easyedit.experiments import checkpoint as ckpt
 from mose_easyedit.experiments.compare import compare, main as compare_main
-from mose_easyedit.experiments.stability import summarize_stability, weight_stability
+from mose_easyedit.experiments.stability import method_layer_diagnostics, summarize_stability, weight_stability
 from mose_easyedit.modeling import read_weight
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,6 +179,13 @@ def test_stability_metrics(default_model):
     worst = summarize_stability({"m": before}, {"m": added})
     assert worst["max_relative_norm_change"] > 0 and worst["modules"] == ["m"]
     assert weight_stability(torch.eye(3), dtype="float32")["kappa"] == pytest.approx(1.0)
+
+
+def test_layer_diagnostics_logged_per_request_are_averaged_over_the_call():
+    entry = {"per_layer": {4: {"rho": 0.5, "alpha_over_k": [0.2, 0.4], "reachable": [True, False, False, False],
+                               "angle": [], "note": "x"}, 5: "not a mapping"}}
+    assert method_layer_diagnostics(entry) == {4: {"rho": 0.5, "alpha_over_k": pytest.approx(0.3),
+                                                   "reachable": 0.25}}
 
 
 def test_checkpoint_files(tmp_path):

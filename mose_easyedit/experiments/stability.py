@@ -47,14 +47,20 @@ def weight_stability(weight: torch.Tensor, original: torch.Tensor | None = None,
 
 def method_layer_diagnostics(entry: Mapping) -> dict[int, dict[str, float]]:
     """The per-layer numbers of one session-history entry (``entry["per_layer"]``: MOSE's ``rho``,
-    ``fit_error``, ``rotation_distance``, ...), as ``{layer: {name: float}}``; empty when the method logs none."""
+    ``fit_error``, ``rotation_distance``, ...), as ``{layer: {name: float}}``; empty when the method logs none.
+    A value logged per request (a list, as the input side logs its planes) is given as its mean over the call's
+    requests (for flags such as ``reachable``: the fraction that is true)."""
     per_layer = entry.get("per_layer") or {}
     out: dict[int, dict[str, float]] = {}
     for layer, values in per_layer.items():
         if not isinstance(values, Mapping):
             continue
-        numbers = {k: float(v) for k, v in values.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numbers = {}
+        for key, value in values.items():
+            if isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) for v in value):
+                numbers[key] = sum(float(v) for v in value) / len(value)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                numbers[key] = float(value)
         if numbers:
             out[int(layer)] = numbers
     return out
