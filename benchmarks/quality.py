@@ -35,6 +35,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 METHODS = ["ROME", "MEMIT", "RECT", "EMMET", "PRUNE", "AlphaEdit", "MOSE", "MOSE-input", "MOSE-OFT"]
 # Launch order (longest runs first, so the last job to start is a short one): the single-sequential run times of
 # the published run (docs/benchmarks.md §1).
@@ -282,6 +284,12 @@ def main(argv=None) -> int:
               + ("- report written from the complete runs (--report-only)\n\n" if args.report_only else
                  f"- wall time of this invocation: {(time.perf_counter() - started) / 60:.1f} min\n\n"))
     report = header + "\n".join(sections)
+    if args.preset == "long":  # the curves every 100 edits, crossings and per-window diagnostics
+        from horizon import horizon_report
+
+        dirs = [runs_dir / f"{m}-{name}" for name, _, _ in scenarios for m in args.methods]
+        horizon_report([d for d in dirs if (d / "results.jsonl").is_file()], args.out)
+        report += "\nThe curves every 100 edits, crossings and per-window diagnostics: `horizon.md`.\n"
     (args.out / "report.md").write_text(report, encoding="utf-8")
     print(report)
     return 1 if failed else 0

@@ -61,3 +61,42 @@ def test_quality_benchmark_runs_reuses_and_reports(shared_data, tmp_path):
     assert again.returncode == 0
     for r, wall in zip(runs, walls):  # complete runs are not run again
         assert json.loads((out / "runs" / r / "summary.json").read_text())["time"]["wall_seconds"] == wall
+
+
+def _synthetic_run(folder: Path, label: str, strict: list[float], locality: list[float], alpha: float | None):
+    """A run directory as the runner writes it: config.yaml and results.jsonl, curve points every 2 edits."""
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(f"label: {label}\nbatch_size: 1\nnum_edits: {2 * len(strict)}\n")
+    lines = []
+    for index in range(2 * len(strict)):
+        record = {"step": index + 1, "edits": index + 1, "immediate": {"strict_reliability": float(index % 2)},
+                  "method": {"per_layer": {"4": {"alpha_over_k": alpha}} if alpha is not None else {}},
+                  "stability": {"m": {"frobenius": 1.0 + 0.1 * index, "kappa": 2.0, "delta_frobenius": 0.1 * index}}}
+        if index % 2 == 1:
+            point = index // 2
+            record["curve"] = {"strict_reliability": strict[point], "strict_generalization": 0.5,
+                               "locality": locality[point]}
+        lines.append(json.dumps(record))
+    (folder / "results.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_horizon_report_tables_crossings_and_windows(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from horizon import horizon_report
+
+    reference = _synthetic_run(tmp_path / "a", "AlphaEdit", [1.0, 0.9, 0.6], [0.8, 0.6, 0.5], None)
+    rotation = _synthetic_run(tmp_path / "b", "MOSE-input", [0.9, 0.9, 0.7], [0.9, 0.5, 0.7], 0.4)
+    report = horizon_report([reference, rotation], tmp_path / "out", window=2)
+    rows = report[report.index("**strict reliability**"):].splitlines()
+    assert rows[5] == "| 4 | 0.900 | 0.900 |" and rows[6] == "| 6 | 0.600 | 0.700 |"
+    # strict reliability at or above the reference from 4 edits on; locality dips below it at 4, so from 6 on
+    assert "strict reliability: at or above from 4 edits on" in report
+    assert "locality: at or above from 6 edits on" in report
+    norm = report[report.index("**max relative ‖W‖_F change**"):].splitlines()
+    assert norm[6] == "| 6 | 0.500 | 0.500 |"  # (1 + 0.1·5) / 1 − 1, against the first measurement
+    window = report[report.index("**MOSE-input: per window"):].splitlines()
+    assert window[2].startswith("| edits | strict rel. right after the edit | α/‖k‖ |")
+    assert window[4] == "| 1–2 | 0.500 | 0.400 |"
+    assert (tmp_path / "out" / "horizon_single.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "out" / "horizon.md").read_text(encoding="utf-8") == report
