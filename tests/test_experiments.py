@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -154,6 +155,53 @@ def test_requests_from_configured_data(shared_data, tmp_path):
         load_requests(compose_config([f"data_dir={tmp_path}", "data=conceptedit", "num_edits=1"]))
 
 
+def test_default_data_dir_for_a_checkout_and_an_installed_package(tmp_path, monkeypatch):
+    from mose_easyedit.experiments import runner
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MOSE_EASYEDIT_DATA", "/somewhere/data")
+    assert runner.default_data_dir() == "/somewhere/data"
+    monkeypatch.delenv("MOSE_EASYEDIT_DATA")
+    checkout = tmp_path / "checkout" / "repo"
+    (checkout.parent.parent / "checkout" / "shared" / "data").mkdir(parents=True)
+    (checkout).mkdir()
+    (checkout / "pyproject.toml").write_text("")
+    monkeypatch.setattr(runner, "REPO_ROOT", checkout)
+    monkeypatch.setattr(runner, "DEFAULT_DATA_DIR", checkout.parent / "shared" / "data")
+    assert runner.default_data_dir() == str(checkout.parent / "shared" / "data")  # a checkout: the shared folder
+    (tmp_path / "data").mkdir()
+    assert runner.default_data_dir() == "data"  # ./data wins when it exists
+    (tmp_path / "data").rmdir()
+    installed = tmp_path / "lib" / "python3.11"  # site-packages' parents: no pyproject.toml, no shared/data
+    installed.mkdir(parents=True)
+    monkeypatch.setattr(runner, "REPO_ROOT", installed)
+    monkeypatch.setattr(runner, "DEFAULT_DATA_DIR", installed.parent / "shared" / "data")
+    assert runner.default_data_dir() == "data"
+    cfg = runner.compose_config(["num_edits=1"])
+    assert cfg.data_dir == "data"
+    with pytest.raises(runner.ExperimentError, match="counterfact-edit.json.*no such file.*EasyEdit's data release"):
+        runner.load_requests(cfg)
+
+
+def test_a_folder_without_edits_takes_a_corrected_configuration(tmp_path):
+    """A run that failed before its first edit left its settings; the corrected command into the same folder runs
+    (here it stops at the next problem, the missing data file, not at 'a different configuration')."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("num_edits: 3\nmethod:\n  name: MEMIT\n")
+    (out / "hparams.yaml").write_text("layers: [99]\n")
+    (out / "run.log").write_text("failed\n")
+    overrides = [f"data_dir={tmp_path / 'nodata'}", "num_edits=2", f"output_dir={out}", "progress=false",
+                 "general_tasks=[]"]
+    with pytest.raises(ExperimentError, match="no such file"):
+        run(compose_config(overrides))
+    assert not (out / "config.yaml").exists() and (out / "run.log").exists()
+    (out / "config.yaml").write_text("num_edits: 3\nmethod:\n  name: MEMIT\n")
+    (out / "results.jsonl").write_text('{"step": 1}\n')  # a folder holding an edit keeps refusing
+    with pytest.raises(ExperimentError, match="different configuration"):
+        run(compose_config(overrides))
+
+
 def test_malformed_data_path_on_the_command_line(tmp_path):
     out = tmp_path / "run"
     proc = cli(["data.path=/nonexistent/counterfact.json", "num_edits=2", f"output_dir={out}"])
@@ -235,6 +283,11 @@ def test_corrupt_run_files_fail_in_one_line_naming_the_file_and_the_remedy(tmp_p
     message = str(error.value)
     assert "checkpoint.pt" in message and "delete it and re-run" in message and "\n" not in message
     assert "another device" not in message
+    (tmp_path / "results.jsonl").write_text('{"step": 1}\n{"step": 2,, }\n{"step": 3}\n{"step": 4')
+    with pytest.raises(ckpt.CorruptFileError, match=r"results.jsonl, line 2: not valid JSON"):
+        ckpt.read_jsonl(tmp_path / "results.jsonl")
+    (tmp_path / "results.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3')  # a torn last line is dropped
+    assert ckpt.read_jsonl(tmp_path / "results.jsonl") == [{"step": 1}, {"step": 2}]
     from mose_easyedit.experiments.compare import load_run
     with pytest.raises(ValueError, match="summary.json is truncated or corrupt"):
         load_run(tmp_path)
@@ -242,7 +295,7 @@ def test_corrupt_run_files_fail_in_one_line_naming_the_file_and_the_remedy(tmp_p
 
 # ------------------------------------------------------------------------------------------------ with model
 @pytest.mark.slow
-def test_a_corrupt_summary_of_a_complete_run_is_run_again(reference_run, shared_data, tmp_path):
+def test_a_corrupt_summary_of_a_complete_run_is_run_again(reference_run, shared_data, tmp_path, caplog):
     import shutil
 
     run_dir, summary, _ = reference_run
@@ -250,9 +303,27 @@ def test_a_corrupt_summary_of_a_complete_run_is_run_again(reference_run, shared_
     shutil.copytree(run_dir, copy)
     text = (copy / "summary.json").read_text()
     (copy / "summary.json").write_text(text[:len(text) // 2])
-    again = run(compose_config(tiny_overrides(shared_data, copy)))
+    with caplog.at_level(logging.WARNING):
+        again = run(compose_config(tiny_overrides(shared_data, copy)))
     assert again["complete"] and ckpt.read_json(copy / "summary.json") == again
     assert again["metrics"] == summary["metrics"]
+    warning = next(r.getMessage() for r in caplog.records if "summary.json" in r.getMessage())
+    assert "it is recomputed" in warning and "delete it" not in warning
+
+
+@pytest.mark.slow
+def test_a_corrupt_results_file_of_a_complete_run_is_named_on_resume_and_in_compare(
+        reference_run, shared_data, tmp_path):
+    import shutil
+
+    run_dir, _, _ = reference_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    lines = (copy / "results.jsonl").read_text().splitlines(keepends=True)
+    (copy / "results.jsonl").write_text(lines[0][:-3] + "\n" + "".join(lines[1:]))
+    with pytest.raises(ExperimentError, match=r"results.jsonl, line 1: not valid JSON.*complete"):
+        run(compose_config(tiny_overrides(shared_data, copy)))
+    assert compare_main([str(copy), "--out", str(tmp_path / "compare")]) == 2
 
 
 @pytest.mark.slow

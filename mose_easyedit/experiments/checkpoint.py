@@ -87,30 +87,43 @@ def read_json(path: str | os.PathLike) -> Any:
     """The JSON value in ``path``; :class:`CorruptFileError` (one line naming the file and the remedy) if it is
     not valid JSON."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+        return _load_json(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptFileError(f"{path} is truncated or corrupt ({exc}); delete it and re-run") from None
 
 
+def _load_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def read_json_if_valid(path: str | os.PathLike) -> Any | None:
-    """Like :func:`read_json` for a file that can be recomputed: None (with a warning) when it is corrupt."""
+    """Like :func:`read_json` for a file the caller recomputes: None (with a warning saying so) when it is
+    corrupt."""
     try:
-        return read_json(path)
-    except CorruptFileError as exc:
-        logger.warning("%s; it will be recomputed", exc)
+        return _load_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        logger.warning("%s is truncated or corrupt (%s); it is recomputed and rewritten", path, exc)
         return None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """The complete lines of a JSON-lines file (a torn last line, from a kill mid-append, is dropped)."""
+    """The complete lines of a JSON-lines file (a torn last line, from a kill mid-append, is dropped);
+    :class:`CorruptFileError` naming the file and the line when a complete line is not a JSON object."""
     records = []
     with open(path, encoding="utf-8") as handle:
-        for line in handle:
+        for number, line in enumerate(handle, start=1):
             if not line.endswith("\n"):
                 break
-            if line.strip():
-                records.append(json.loads(line))
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CorruptFileError(f"{path}, line {number}: not valid JSON ({exc})") from None
+            if not isinstance(record, dict):
+                raise CorruptFileError(f"{path}, line {number}: expected a JSON object")
+            records.append(record)
     return records
 
 

@@ -79,9 +79,15 @@ class ExperimentError(ValueError):
 
 # ------------------------------------------------------------------------------------------------ configuration
 def default_data_dir() -> str:
-    """``$MOSE_EASYEDIT_DATA`` if set, else ``../shared/data`` beside the repository (even if absent: the data
-    loader then names the missing path)."""
-    return os.environ.get(DATA_ENV) or str(DEFAULT_DATA_DIR)
+    """``$MOSE_EASYEDIT_DATA`` if set, else ``./data`` if it exists, else ``../shared/data`` beside a checkout of
+    this repository if it exists, else ``./data`` (absent: the data loader then names it and says what goes there).
+    An installed package has no checkout around it, so its default is the current directory's ``data``."""
+    if os.environ.get(DATA_ENV):
+        return os.environ[DATA_ENV]
+    local = Path("data")
+    if not local.is_dir() and (REPO_ROOT / "pyproject.toml").is_file() and DEFAULT_DATA_DIR.is_dir():
+        return str(DEFAULT_DATA_DIR)
+    return str(local)
 
 
 def ablation_tag(value: Any) -> str:
@@ -182,7 +188,9 @@ def load_requests(cfg: DictConfig) -> list[dict]:
     """The first ``num_edits`` requests from ``data.start`` (after dropping malformed ones if
     ``data.skip_invalid``)."""
     path = Path(str(cfg.data.path)).expanduser()
-    hint = f"set data.path=... or data_dir=... (now {cfg.data_dir}) or ${DATA_ENV}"
+    hint = (f"set data.path=... or data_dir=... (now {cfg.data_dir}) or ${DATA_ENV}; the folder holds "
+            f"counterfact/counterfact-edit.json, zsre/ and general_tasks/ as in EasyEdit's data release "
+            f"(editing-data/counterfact/), see docs/experiments.md")
     if not path.is_file():
         raise ExperimentError(f"data.path={path}: no such file ({hint})")
     loader = LOADERS[cfg.data.loader]
@@ -406,6 +414,11 @@ class SequentialRun:
         cfg = self.cfg
         resolved = OmegaConf.to_container(cfg, resolve=True)
         config_path = self.dir / CONFIG_FILE
+        if config_path.exists() and not self._holds_edits():
+            # a run that stopped before its first edit (a bad layer, say) left only its settings: start afresh
+            logger.info("%s holds no edit yet: its earlier settings are replaced", self.dir)
+            for name in (CONFIG_FILE, HPARAMS_FILE):
+                (self.dir / name).unlink(missing_ok=True)
         if config_path.exists():
             compare_configs(OmegaConf.to_container(OmegaConf.load(config_path), resolve=True), resolved, self.dir)
         summary = self._completed_summary()
@@ -438,6 +451,12 @@ class SequentialRun:
         self._edit_loop()
         return self._finish()
 
+    def _holds_edits(self) -> bool:
+        """Whether the run folder holds anything computed by an edit (results, a checkpoint, a summary)."""
+        results = self.dir / RESULTS_FILE
+        return ((results.exists() and results.stat().st_size > 0) or (self.dir / CHECKPOINT_FILE).exists()
+                or (self.dir / SUMMARY_FILE).exists())
+
     def _completed_summary(self) -> dict | None:
         path = self.dir / SUMMARY_FILE
         if not path.exists():
@@ -445,6 +464,15 @@ class SequentialRun:
         summary = ckpt.read_json_if_valid(path)
         if not summary or not summary.get("complete"):
             return None
+        results = self.dir / RESULTS_FILE
+        try:
+            records = ckpt.read_jsonl(results) if results.exists() else []
+        except ckpt.CorruptFileError as exc:
+            raise ExperimentError(f"{exc}: the run is complete but its per-edit results are damaged; restore the "
+                                  f"line or delete {self.dir} to run it again") from None
+        if len(records) != summary.get("steps"):
+            raise ExperimentError(f"{results}: {len(records)} complete line(s) for the {summary.get('steps')} "
+                                  f"step(s) of the complete run; restore it or delete {self.dir} to run it again")
         logger.info("run %s is already complete (%s); nothing to do", self.dir, path)
         self._cleanup(final=True)
         return summary
