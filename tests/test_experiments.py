@@ -211,6 +211,15 @@ def test_malformed_data_path_on_the_command_line(tmp_path):
     assert "Traceback" not in output
 
 
+def test_an_unknown_method_model_or_data_fails_in_one_line_listing_the_known_ones():
+    for args, expected in ((["method=NOPE"], "method=NOPE: no such method; known: AlphaEdit, EMMET, MEMIT, MOSE"),
+                           (["-m", "method=MOSE,NOPE"], "method=NOPE: no such method"),
+                           (["model=tiny"], "model=tiny: no such model; known: llama2-13b")):
+        proc = cli(args)
+        output, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and expected in output and len(output.strip().splitlines()) == 1, output
+
+
 def test_stability_metrics(default_model):
     model, _ = default_model
     W = read_weight(model, "model.layers.4.mlp.down_proj").double()

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, open_dict
 
 from ..logs import setup_logging
 from .checkpoint import CorruptFileError
-from .runner import ExperimentError, register_resolvers, run
+from .runner import CONF_DIR, ExperimentError, register_resolvers, run
 
 logger = logging.getLogger("mose_easyedit.experiments")
 
@@ -29,6 +29,30 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+CONFIG_GROUPS = ("method", "model", "data")
+
+
+def unknown_group_choice(argv: list[str]) -> str | None:
+    """One line naming the first ``method=`` / ``model=`` / ``data=`` choice (comma lists of a multirun included)
+    that has no config, and the known ones; None when every choice exists. Hydra's own message for it is a
+    screenful."""
+    for argument in argv:
+        key, sep, value = argument.partition("=")
+        if not sep or key.lstrip("+~") not in CONFIG_GROUPS:
+            continue
+        group = key.lstrip("+~")
+        known = sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
+        for choice in value.split(","):
+            if choice.strip() not in known:
+                return f"{group}={choice.strip()}: no such {group}; known: {', '.join(known)}"
+    return None
+
+
 if __name__ == "__main__":
     register_resolvers()
+    problem = unknown_group_choice(sys.argv[1:])
+    if problem:
+        setup_logging()
+        logger.error("%s", problem)
+        sys.exit(2)
     main()
