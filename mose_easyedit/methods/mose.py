@@ -7,7 +7,8 @@ Per edit (or batch): choose l* = argmin_l ‖[(v_j − W^l k_j) / (‖W^l‖₂ 
     R = polar(M),   M = W (λ C + γ Σ_earlier K_p K_pᵀ) Wᵀ + V_E (W K_E)ᵀ        (Eq. 17–20)
 
 so ‖W‖_F, every singular value and κ₂(W) are unchanged. γ > 0 (``protect_edits``) also preserves the outputs of
-keys edited earlier in the run. Rotations are logged so the last edits can be undone exactly (W ← Rᵀ W).
+keys edited earlier in the run. Rotations are logged so the last edits can be undone (W ← Rᵀ W, exact up to one
+rounding to the weight's dtype).
 """
 from __future__ import annotations
 
@@ -309,7 +310,10 @@ def apply_mose_to_model(model, tok, requests, hparams: MOSEHyperParams, copy: bo
 
 
 def undo_mose_edits(model, steps: int = 1) -> int:
-    """Undo the last ``steps`` MOSE edit calls exactly (W ← Rᵀ W, newest first); returns how many were undone.
+    """Undo the last ``steps`` MOSE edit calls (W ← Rᵀ W, newest first); returns how many were undone.
+
+    The inverse is exact in float64; writing it back rounds once to the weight's dtype, so an undone weight equals
+    the original up to that rounding (float32: ~1e-8 relative; bf16: ~1e-3), not bit for bit.
 
     Raises ``ValueError`` if fewer than ``steps`` are logged (see ``undo_history``).
     """
