@@ -486,3 +486,50 @@ def test_general_scores_before_editing_are_shared_between_runs(reference_run, sh
     with torch.no_grad():
         model.weight[0, 0] += 1e-3
     assert runner.weights_digest(model) != before
+
+
+def _synthetic_summary(label: str, edits: int, score: float) -> tuple[list[dict], dict]:
+    original = {"m.4": {"frobenius": 10.0, "kappa": 5.0, "sigma_min": 1.0, "sigma_max": 5.0}}
+    records = [{"edits": e, "stability": {"m.4": {"frobenius": 10.0, "kappa": 5.0 * (1 + 1e-3 * e),
+                                                  "sigma_min": 1.0, "delta_frobenius": 0.1 * e}}}
+               for e in range(1, edits + 1)]
+    summary = {"label": label, "method": label, "model": "m", "data": "d", "batch_size": 1, "num_edits": edits,
+               "curve": [{"edits": e, "reliability": score, "generalization": score, "locality": score}
+                         for e in range(1, edits + 1)],
+               "metrics": {"reliability": score - 0.5, "generalization": score, "locality": score},
+               "general": {"curve": [{"edits": 0, "sst2": 0.5, "rte": 0.5}, {"edits": edits, "sst2": 0.5, "rte": 0.5}]},
+               "stability": {"original": original}}
+    return records, summary
+
+
+def test_plots_count_whole_edits_keep_identical_curves_visible_and_mark_the_final_retention(tmp_path, monkeypatch):
+    from mose_easyedit.experiments import plots
+
+    figures = {}
+
+    def keep(fig, path):
+        figures[path.name] = fig
+        return path.name
+
+    monkeypatch.setattr(plots, "_save", keep)
+    runs = [_synthetic_summary("AlphaEdit", 2, 0.9), _synthetic_summary("MOSE", 2, 0.9)]  # identical curves
+    plots.plot_compare(runs, tmp_path)
+    plots.plot_run(tmp_path, *runs[0])
+    for name, fig in figures.items():
+        for ax in fig.axes:
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert ticks and all(float(t).is_integer() for t in ticks), (name, ticks)  # no "1.5 edits"
+    reliability = figures["compare_metrics.png"].axes[0]
+    curves = [line for line in reliability.get_lines() if len(line.get_xdata()) > 1]
+    assert len(curves) == 2 and len({(c.get_marker(), str(c.get_linestyle())) for c in curves}) == 2
+    finals = [line for line in reliability.get_lines() if len(line.get_xdata()) == 1]
+    assert [(f.get_marker(), f.get_linestyle(), list(f.get_ydata())) for f in finals] == [("*", "None", [0.4])] * 2
+    assert all(list(c.get_xdata()) == [1, 2] for c in curves)  # the final retention is not a curve point
+    general = figures["compare_general.png"].axes
+    assert [ax.get_title() for ax in general] == ["sst2", "rte"]  # the table's order, not sorted
+    kappa = figures["compare_stability.png"].axes[1]
+    assert kappa.get_yscale() == "linear"  # a 0.2 % change is not drawn on a log axis with 9.98×10⁻¹ labels
+    stability = figures["stability.png"]
+    assert stability.legends and not any(ax.get_legend() for ax in stability.axes)  # the legend sits below
+    run_lines = [line for line in figures["general.png"].axes[0].get_lines()]
+    assert len({(line.get_marker(), str(line.get_linestyle())) for line in run_lines}) == len(run_lines)

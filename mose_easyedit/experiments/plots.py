@@ -20,12 +20,31 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 METRICS = ("reliability", "generalization", "locality")
 STABILITY_PANELS = (("frobenius", "‖W‖_F", False), ("kappa", "κ₂(W)", True),
                     ("delta_frobenius", "‖W − W₀‖_F", False), ("sigma_min", "σ_min(W)", False))
+
+
+# one (marker, line style) per series, so identical curves stay visible under each other
+SERIES_STYLES = (("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", (0, (5, 1))), ("P", (0, (3, 1, 1, 1))),
+                 ("X", (0, (1, 2))), ("*", (0, (8, 2, 2, 2))), ("h", "-"), ("<", "--"), (">", "-."))
+
+
+def series_style(index: int) -> dict:
+    """Matplotlib keywords of the ``index``-th series: its own marker and line style (open markers, so a marker
+    drawn over another shows both)."""
+    marker, line = SERIES_STYLES[index % len(SERIES_STYLES)]
+    return {"marker": marker, "linestyle": line, "ms": 5, "mfc": "none"}
+
+
+def _edits_axis(ax) -> None:
+    """An x axis that counts edits: whole numbers only (no '1.5 edits' on short runs)."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("number of edits")
 
 
 def layer_label(module: str) -> str:
@@ -87,16 +106,17 @@ def plot_run(run_dir: str | Path, records: Sequence[Mapping], summary: Mapping) 
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     curve = summary.get("curve") or []
-    for metric in METRICS:
+    for index, metric in enumerate(METRICS):
         points = [(c["edits"], c[metric]) for c in curve if metric in c]
         line = None
         if points:
-            line, = ax.plot(*zip(*points), marker="o", ms=3, label=f"{metric} (edited so far)")
+            line, = ax.plot(*zip(*points), **series_style(index), label=f"{metric} (edited so far)")
         final = (summary.get("metrics") or {}).get(metric)
         if final is not None:
             ax.plot([n], [final], marker="*", ms=12, ls="none", color=line.get_color() if line else None,
                     label=f"{metric} after the last edit: {final:.3f}")
-    ax.set(xlabel="number of edits", ylabel="score", ylim=(-0.02, 1.02), title=title)
+    ax.set(ylabel="score", ylim=(-0.02, 1.02), title=title)
+    _edits_axis(ax)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     written.append(_save(fig, run_dir / "metrics.png"))
@@ -105,10 +125,11 @@ def plot_run(run_dir: str | Path, records: Sequence[Mapping], summary: Mapping) 
     if general:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         tasks = [k for k in general[0] if k != "edits"]
-        for task in tasks:
+        for index, task in enumerate(tasks):
             points = [(g["edits"], g[task]) for g in general if task in g]
-            ax.plot(*zip(*points), marker="o", ms=3, label=task)
-        ax.set(xlabel="number of edits", ylabel="score", ylim=(-0.02, 1.02), title=f"general abilities · {title}")
+            ax.plot(*zip(*points), **series_style(index), label=task)
+        ax.set(ylabel="score", ylim=(-0.02, 1.02), title=f"general abilities · {title}")
+        _edits_axis(ax)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         written.append(_save(fig, run_dir / "general.png"))
@@ -118,16 +139,19 @@ def plot_run(run_dir: str | Path, records: Sequence[Mapping], summary: Mapping) 
         fig, axes = plt.subplots(2, 2, figsize=(10, 7))
         for ax, (key, name, log) in zip(axes.flat, STABILITY_PANELS):
             shown = []
-            for module, points in sorted(series.items(), key=lambda kv: _layer_order(kv[0])):
+            for index, (module, points) in enumerate(sorted(series.items(), key=lambda kv: _layer_order(kv[0]))):
                 xs = [e for e, s in points if key in s and math.isfinite(s[key])]
                 ys = [s[key] for e, s in points if key in s and math.isfinite(s[key])]
-                ax.plot(xs, ys, lw=1.2, label=layer_label(module))
+                ax.plot(xs, ys, lw=1.2, **dict(series_style(index), ms=3), label=layer_label(module))
                 shown += ys
-            ax.set(xlabel="number of edits", ylabel=name)
+            ax.set(ylabel=name)
+            _edits_axis(ax)
             _scale(ax, shown, log)
             ax.grid(alpha=0.3)
-        axes.flat[0].legend(fontsize=7, ncol=2)
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=7)  # below the panels
         fig.suptitle(f"numerical stability of the edited layers · {title}", fontsize=10)
+        fig.tight_layout(rect=(0, 0.05, 1, 1))
         written.append(_save(fig, run_dir / "stability.png"))
 
     diagnostics = [(r["edits"], layer, values) for r in records
@@ -139,7 +163,8 @@ def plot_run(run_dir: str | Path, records: Sequence[Mapping], summary: Mapping) 
                 points = [(e, v[key]) for e, l, v in diagnostics if l == layer and key in v]
                 if points:
                     ax.scatter(*zip(*points), s=8, label=f"layer {layer}")
-            ax.set(xlabel="number of edits", ylabel=key)
+            ax.set(ylabel=key)
+            _edits_axis(ax)
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7, ncol=2)
         fig.suptitle(f"per-edit diagnostics · {title}", fontsize=10)
@@ -172,34 +197,41 @@ def plot_compare(runs: Sequence[tuple[Sequence[Mapping], Mapping]], out_dir: str
     out_dir = Path(out_dir)
     written = []
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
-    for records, summary in runs:
+    for index, (records, summary) in enumerate(runs):
         curve = summary.get("curve") or []
         for ax, metric in zip(axes, METRICS):
             points = [(c["edits"], c[metric]) for c in curve if metric in c]
-            final = (summary.get("metrics") or {}).get(metric)
-            if final is not None:
-                points.append((summary["num_edits"], final))
+            line = None
             if points:
-                ax.plot(*zip(*points), marker="o", ms=3, label=run_label(summary))
+                line, = ax.plot(*zip(*points), **series_style(index), label=run_label(summary))
+            final = (summary.get("metrics") or {}).get(metric)
+            if final is not None:  # retention over every edited fact: a mark of its own, not a curve point
+                ax.plot([summary["num_edits"]], [final], marker="*", ms=11, ls="none",
+                        color=line.get_color() if line else None,
+                        label=None if line else f"{run_label(summary)} (after the last edit)")
     for ax, metric in zip(axes, METRICS):
-        ax.set(xlabel="number of edits", title=metric, ylim=(-0.02, 1.02))
+        ax.set(title=f"{metric} (★ all facts after the last edit)", ylim=(-0.02, 1.02))
+        _edits_axis(ax)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("score")
     axes[0].legend(fontsize=7)
     written.append(_save(fig, out_dir / "compare_metrics.png"))
 
-    tasks = sorted({k for _, s in runs for g in ((s.get("general") or {}).get("curve") or []) for k in g
-                    if k != "edits"})
+    tasks = []  # in the comparison table's order: first seen, run by run
+    for _, summary in runs:
+        for point in ((summary.get("general") or {}).get("curve") or []):
+            tasks += [k for k in point if k != "edits" and k not in tasks]
     if tasks:
         fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 3.6), squeeze=False)
-        for records, summary in runs:
+        for index, (records, summary) in enumerate(runs):
             curve = (summary.get("general") or {}).get("curve") or []
             for ax, task in zip(axes[0], tasks):
                 points = [(g["edits"], g[task]) for g in curve if task in g]
                 if points:
-                    ax.plot(*zip(*points), marker="o", ms=3, label=run_label(summary))
+                    ax.plot(*zip(*points), **series_style(index), label=run_label(summary))
         for ax, task in zip(axes[0], tasks):
-            ax.set(xlabel="number of edits", title=task, ylim=(-0.02, 1.02))
+            ax.set(title=task, ylim=(-0.02, 1.02))
+            _edits_axis(ax)
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=7)
         written.append(_save(fig, out_dir / "compare_general.png"))
@@ -207,14 +239,17 @@ def plot_compare(runs: Sequence[tuple[Sequence[Mapping], Mapping]], out_dir: str
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     panels = (("norm", "max ‖W‖_F / ‖W₀‖_F", False), ("kappa", "max κ₂(W) / κ₂(W₀)", True),
               ("distance", "max ‖W − W₀‖_F / ‖W₀‖_F", False))
-    for records, summary in runs:
+    shown: dict[str, list[float]] = {key: [] for key, _, _ in panels}
+    for index, (records, summary) in enumerate(runs):
         points = _worst_stability(records, (summary.get("stability") or {}).get("original") or {})
         for ax, (key, _, _) in zip(axes, panels):
-            ax.plot([e for e, _ in points], [s[key] for _, s in points], lw=1.2, label=run_label(summary))
-    for ax, (_, name, log) in zip(axes, panels):
-        ax.set(xlabel="number of edits", title=name)
-        if log:
-            ax.set_yscale("log")
+            ys = [s[key] for _, s in points]
+            ax.plot([e for e, _ in points], ys, lw=1.2, **dict(series_style(index), ms=3), label=run_label(summary))
+            shown[key] += [y for y in ys if math.isfinite(y)]
+    for ax, (key, name, log) in zip(axes, panels):
+        ax.set(title=name)
+        _edits_axis(ax)
+        _scale(ax, shown[key], log)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     written.append(_save(fig, out_dir / "compare_stability.png"))
