@@ -141,7 +141,7 @@ def _accepts_logits_to_keep(model) -> bool:
 def _forward_targets(model, tok, encodings: Sequence[Encoded], batch_size: int, want: str,
                      desc: str, progress: bool) -> list:
     """For each encoding, over its target positions: ``want="argmax"`` → tuple of predicted ids;
-    ``want="nll"`` → mean negative log-likelihood of the target tokens (float)."""
+    ``want="nll"`` → mean negative log-likelihood of the target tokens (float); ``want="nll_sum"`` → their sum."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     results: list = [None] * len(encodings)
@@ -168,8 +168,8 @@ def _forward_targets(model, tok, encodings: Sequence[Encoded], batch_size: int, 
                     results[i] = tuple(scores.argmax(dim=-1).tolist())
                 else:
                     labels = torch.tensor(enc.ids[start:stop], device=scores.device)
-                    logp = torch.log_softmax(scores.float(), dim=-1)
-                    results[i] = float(-logp.gather(1, labels[:, None]).mean())
+                    logp = torch.log_softmax(scores.float(), dim=-1).gather(1, labels[:, None])
+                    results[i] = float(-(logp.sum() if want == "nll_sum" else logp.mean()))
     return results
 
 
@@ -212,13 +212,16 @@ def token_accuracy(model, tok, prompts: Sequence[str], targets: Sequence[str], b
 
 
 def target_nll(model, tok, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 16,
-               progress: bool = True) -> list[float]:
-    """Mean per-token negative log-likelihood of each target after its prompt (same tokenisation as
-    :func:`token_accuracy`)."""
+               progress: bool = True, reduction: str = "mean") -> list[float]:
+    """Negative log-likelihood of each target after its prompt (same tokenisation as :func:`token_accuracy`):
+    per token (``reduction="mean"``) or of the whole target (``"sum"``, -log p(target | prompt))."""
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     encodings, _, index = _unique_encodings(tok, list(zip(prompts, targets)))
-    nll = _forward_targets(model, tok, encodings, batch_size, "nll", "target NLL", progress)
+    want = "nll" if reduction == "mean" else "nll_sum"
+    nll = _forward_targets(model, tok, encodings, batch_size, want, "target NLL", progress)
     return [nll[i] for i in index]
 
 

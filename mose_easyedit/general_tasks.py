@@ -1,4 +1,6 @@
-"""General-ability probes after editing (methods.md §9): RTE, Natural Questions, SAMSum and SST-2.
+"""General-ability probes after editing (docs/methods.md §9): the paper's RTE, Natural Questions, SAMSum and SST-2
+scored on generations, RTE and SST-2 scored by likelihood (``rte_ll``, ``sst2_ll``), and held-out WikiText-2
+perplexity (``wikitext_ppl``).
 
 Zero-shot prompts, exactly as in the methods table; greedy decoding; only the newly generated tokens are decoded
 (special tokens skipped, generation cut at the first end-of-sequence token). Batches are left-padded explicitly
@@ -35,11 +37,20 @@ from tqdm.auto import tqdm
 
 from .data import resolve_data_dir
 from .modeling import input_device
-from .tokens import pad_batch, pad_id
+from .tokens import join_target, pad_batch, pad_id
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("rte", "nq", "samsum", "sst2")
+#: The paper's four generation-scored tasks (its Figure 3).
+PAPER_TASKS = ("rte", "nq", "samsum", "sst2")
+#: Likelihood-scored classification (lm-evaluation-harness convention): the label whose continuation the model
+#: gives the higher log-probability, on the same prompts and subsets as the generation-scored task.
+LIKELIHOOD_TASKS = {"rte_ll": ("rte", {True: "True", False: "False"}),
+                    "sst2_ll": ("sst2", {1: "positive", 0: "negative"})}
+#: Held-out perplexity of WikiText-2 (raw test split), windows of PERPLEXITY_WINDOW tokens; lower is better.
+PERPLEXITY_TASKS = ("wikitext_ppl",)
+PERPLEXITY_WINDOW = 128
+TASKS = PAPER_TASKS + tuple(LIKELIHOOD_TASKS) + PERPLEXITY_TASKS
 
 RTE_PROMPT = "{s1} entails the {s2}. True or False? answer:"
 NQ_PROMPT = "Refer to the passage below and answer the following question. Passage: {doc} Question: {q}"
@@ -61,10 +72,17 @@ FILES = {
 # ------------------------------------------------------------------------------------------------------ loading
 def task_file(task: str, data_dir=None) -> Path:
     """The file of a task. ``data_dir`` (or ``$MOSE_EASYEDIT_DATA``) may be the shared data folder or its
-    ``general_tasks`` subfolder."""
-    if task not in FILES:
+    ``general_tasks`` subfolder (WikiText lives in the shared folder's ``text_corpus``)."""
+    if task not in TASKS:
         raise ValueError(f"unknown general task {task!r}; known: {list(TASKS)}")
     root = resolve_data_dir(data_dir)
+    if task in PERPLEXITY_TASKS:
+        base = root.parent if root.name == "general_tasks" else root
+        path = base / "text_corpus" / "wikitext-2-raw.test.raw"
+        if not path.is_file():
+            raise FileNotFoundError(f"{task}: data file {path} does not exist")
+        return path
+    task = LIKELIHOOD_TASKS.get(task, (task,))[0]
     if (root / "general_tasks").is_dir():
         root = root / "general_tasks"
     path = root.joinpath(*FILES[task])
@@ -161,6 +179,13 @@ def load_samsum(data_dir=None) -> list[dict]:
                          "dialogue": record["dialogue"].replace("\r\n", "\n").strip(),
                          "summary": record["summary"].strip()})
     return examples
+
+
+def load_wikitext(data_dir=None) -> list[str]:
+    """The WikiText-2 raw test split's paragraphs (its ``= Heading =`` lines and blank lines dropped)."""
+    path = task_file("wikitext_ppl", data_dir)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("=")]
 
 
 LOADERS: dict[str, Callable[..., list[dict]]] = {"rte": load_rte, "nq": load_nq, "samsum": load_samsum,
@@ -336,12 +361,118 @@ class TaskResult:
     scores: list[float]
 
 
+def likelihood_predictions(model, tok, prompts: Sequence[str], labels: dict, batch_size: int = 8,
+                           progress: bool = True) -> list:
+    """For each prompt, the label (a key of ``labels``) whose text has the highest log-probability as the
+    continuation, log p(label text | prompt) summed over its tokens (ties: the first label)."""
+    from .evaluation import target_nll
+
+    keys = list(labels)
+    single = _single_token_labels(tok, prompts, [labels[k] for k in keys])
+    if single is not None:  # every label one token after every prompt: one forward pass per prompt suffices
+        bases, label_ids = single
+        device, pid = input_device(model), pad_id(tok)
+        chosen = []
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for start in range(0, len(bases), batch_size):
+                    rows = bases[start:start + batch_size]
+                    ids, mask, _ = pad_batch(rows, pid, "right", device)
+                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                    last = torch.tensor([len(r) - 1 for r in rows], device=logits.device)
+                    scores = logits[torch.arange(len(rows), device=logits.device), last][:, label_ids]
+                    chosen += [keys[int(k)] for k in scores.float().argmax(dim=1)]
+        finally:
+            model.train(was_training)
+        return chosen
+    pairs = [(prompt, labels[key]) for prompt in prompts for key in keys]
+    nll = target_nll(model, tok, [p for p, _ in pairs], [t for _, t in pairs], batch_size, progress, "sum")
+    return [keys[min(range(len(keys)), key=lambda k: nll[i * len(keys) + k])] for i in range(len(prompts))]
+
+
+_WINDOWS: dict[tuple, list[list[int]]] = {}
+
+
+def _single_token_labels(tok, prompts: Sequence[str], texts: Sequence[str]):
+    """``(prompt ids, label ids)`` when each label text adds exactly one token after every prompt (joined as
+    :func:`~mose_easyedit.tokens.join_target` joins them), else None."""
+    bases, label_ids = [], None
+    for prompt in prompts:
+        base = list(tok(prompt.rstrip())["input_ids"])
+        ids = []
+        for text in texts:
+            full = list(tok(join_target(prompt, text)[0])["input_ids"])
+            if len(full) != len(base) + 1 or full[:-1] != base:
+                return None
+            ids.append(full[-1])
+        if label_ids is not None and ids != label_ids:
+            return None
+        label_ids = ids
+        bases.append(base)
+    return bases, label_ids
+
+
+def windows_of(tok, paragraphs: Sequence[str], length: int) -> list[list[int]]:
+    """Non-overlapping windows of ``length`` tokens over the paragraphs joined by blank lines (remembered per
+    tokenizer and text, so a run's repeated evaluations tokenise the corpus once)."""
+    text = "\n\n".join(paragraphs)
+    key = (id(tok), len(tok), hashlib.sha1(text.encode()).hexdigest(), length)
+    if key not in _WINDOWS:
+        ids = tok(text)["input_ids"]
+        _WINDOWS[key] = [ids[i:i + length] for i in range(0, len(ids) - length + 1, length)]
+    return _WINDOWS[key]
+
+
+def perplexity(model, tok, windows: Sequence[Sequence[int]], batch_size: int = 8) -> float:
+    """exp of the mean next-token negative log-likelihood over every window (each predicted from its own start)."""
+    device = input_device(model)
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(windows), batch_size):
+                ids = torch.tensor(windows[start:start + batch_size], device=device)
+                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                         ids[:, 1:].reshape(-1), reduction="sum")
+                total += float(loss)
+                count += ids[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    return float(torch.exp(torch.tensor(total / count)))
+
+
 def evaluate_task(model, tok, task: str, subset_size: int | None = 200, seed: int = 0, data_dir=None,
                   batch_size: int = 8, progress: bool = True,
                   examples: Sequence[dict] | None = None) -> TaskResult:
-    """Score ``model`` on a deterministic subset of one task (``examples`` overrides loading from disk)."""
-    if task not in LOADERS:
+    """Score ``model`` on a deterministic subset of one task (``examples`` overrides loading from disk).
+
+    Generation-scored tasks score each generation; likelihood-scored ones (``rte_ll``, ``sst2_ll``) the label of
+    the higher log-probability on the same prompts and subset (``generations`` holds the chosen label's text);
+    ``wikitext_ppl`` is the perplexity over a subset of ``subset_size`` windows of :data:`PERPLEXITY_WINDOW`
+    tokens (``scores`` is empty, lower is better)."""
+    if task not in TASKS:
         raise ValueError(f"unknown general task {task!r}; known: {list(TASKS)}")
+    if task in PERPLEXITY_TASKS:
+        windows = windows_of(tok, load_wikitext(data_dir) if examples is None else examples, PERPLEXITY_WINDOW)
+        indices = select_subset(len(windows), subset_size, seed, task)
+        score = perplexity(model, tok, [windows[i] for i in indices], batch_size)
+        logger.info("%s: %.3f over %d window(s) of %d tokens", task, score, len(indices), PERPLEXITY_WINDOW)
+        return TaskResult(task, score, indices, [], [], [])
+    if task in LIKELIHOOD_TASKS:
+        base, labels = LIKELIHOOD_TASKS[task]
+        examples = LOADERS[base](data_dir) if examples is None else examples
+        indices = select_subset(len(examples), subset_size, seed, base)  # the generation task's subset
+        chosen = [examples[i] for i in indices]
+        prompts = [build_prompt(base, ex) for ex in chosen]
+        predicted = likelihood_predictions(model, tok, prompts, labels, batch_size, progress)
+        scores = [float(p == ex["label"]) for p, ex in zip(predicted, chosen)]
+        score = sum(scores) / len(scores) if scores else float("nan")
+        logger.info("%s: %.4f on %d example(s)", task, score, len(scores))
+        return TaskResult(task, score, indices, prompts, [labels[p] for p in predicted], scores)
     if examples is None:
         examples = LOADERS[task](data_dir)
     indices = select_subset(len(examples), subset_size, seed, task)
@@ -354,7 +485,7 @@ def evaluate_task(model, tok, task: str, subset_size: int | None = 200, seed: in
     return TaskResult(task, score, indices, prompts, generations, scores)
 
 
-def evaluate_general(model, tok, tasks: Sequence[str] = TASKS, subset_size: int | None = 200, seed: int = 0,
+def evaluate_general(model, tok, tasks: Sequence[str] = PAPER_TASKS, subset_size: int | None = 200, seed: int = 0,
                      data_dir=None, batch_size: int = 8, progress: bool = True) -> dict[str, float]:
     """``{task: score}`` for each task, each on the same deterministic subset for every method and model."""
     if isinstance(tasks, str):

@@ -533,3 +533,10 @@ def test_plots_count_whole_edits_keep_identical_curves_visible_and_mark_the_fina
     assert stability.legends and not any(ax.get_legend() for ax in stability.axes)  # the legend sits below
     run_lines = [line for line in figures["general.png"].axes[0].get_lines()]
     assert len({(line.get_marker(), str(line.get_linestyle())) for line in run_lines}) == len(run_lines)
+    records, summary = _synthetic_summary("MOSE", 2, 0.9)
+    for point in summary["general"]["curve"]:
+        point["wikitext_ppl"] = 60.0
+    plots.plot_run(tmp_path, records, summary)
+    accuracy, perplexity = figures["general.png"].axes  # perplexity on its own (right) axis, not cut at 1
+    assert [line.get_label() for line in accuracy.get_lines()] == ["sst2", "rte"]
+    assert list(perplexity.get_lines()[0].get_ydata()) == [60.0, 60.0] and perplexity.get_ylim()[1] > 60

@@ -119,3 +119,56 @@ def test_evaluate_general_on_tiny_subsets(default_model, shared_data):
     assert set(scores) == {"rte", "nq", "samsum", "sst2"}
     assert all(0.0 <= value <= 1.0 for value in scores.values()), scores
     assert scores["samsum"] > 0.0  # some word overlap with the reference summaries
+
+
+# ------------------------------------------------------------------------------- likelihood scoring, perplexity
+def test_likelihood_scoring_picks_the_label_of_the_higher_log_probability(default_model, shared_data):
+    from mose_easyedit.evaluation import target_nll
+
+    model, tok = default_model
+    examples = gt.load_sst2(shared_data)[:6]
+    prompts = [gt.build_prompt("sst2", ex) for ex in examples]
+    labels = {1: "positive", 0: "negative"}
+    nll = {k: target_nll(model, tok, prompts, [text] * len(prompts), progress=False, reduction="sum")
+           for k, text in labels.items()}
+    expected = [1 if nll[1][i] <= nll[0][i] else 0 for i in range(len(prompts))]
+    assert gt.likelihood_predictions(model, tok, prompts, labels, batch_size=4, progress=False) == expected
+    # the one-forward path (every label one token) and the pairwise path agree
+    two_tokens = {1: "positive!", 0: "negative!"}
+    assert gt._single_token_labels(tok, prompts, list(two_tokens.values())) is None
+    nll2 = {k: target_nll(model, tok, prompts, [text] * len(prompts), progress=False, reduction="sum")
+            for k, text in two_tokens.items()}
+    assert gt.likelihood_predictions(model, tok, prompts, two_tokens, progress=False) == [
+        1 if nll2[1][i] <= nll2[0][i] else 0 for i in range(len(prompts))]
+    result = gt.evaluate_task(model, tok, "sst2_ll", subset_size=6, data_dir=shared_data, progress=False)
+    chosen = [gt.load_sst2(shared_data)[i] for i in result.indices]
+    assert result.indices == gt.select_subset(872, 6, 0, "sst2")  # the generation task's subset
+    assert result.score == sum(float({"positive": 1, "negative": 0}[g] == ex["label"])
+                               for g, ex in zip(result.generations, chosen)) / 6
+
+
+def test_wikitext_perplexity_is_the_exponentiated_mean_token_loss(default_model, shared_data):
+    model, tok = default_model
+    assert gt.task_file("wikitext_ppl", shared_data).name == "wikitext-2-raw.test.raw"
+    assert gt.task_file("rte_ll", shared_data) == gt.task_file("rte", shared_data)
+    windows = gt.windows_of(tok, gt.load_wikitext(shared_data), gt.PERPLEXITY_WINDOW)
+    assert all(len(w) == gt.PERPLEXITY_WINDOW for w in windows) and len(windows) > 1000
+    result = gt.evaluate_task(model, tok, "wikitext_ppl", subset_size=3, data_dir=shared_data, progress=False)
+    with torch.no_grad():
+        losses = [model(input_ids=torch.tensor([windows[i]]), labels=torch.tensor([windows[i]])).loss
+                  for i in result.indices]
+    assert result.score == pytest.approx(float(torch.exp(torch.stack(losses).mean())), rel=1e-4)
+    assert 5 < result.score < 500  # an intact small model on Wikipedia text
+    damaged = gt.perplexity(_scaled_copy(model, "model.layers.5.mlp.down_proj", 30.0), tok,
+                            [windows[i] for i in result.indices])
+    assert damaged > 2 * result.score  # a damaged layer stands out
+
+
+def _scaled_copy(model, module: str, factor: float):
+    import copy
+
+    from mose_easyedit.modeling import read_weight, write_weight
+
+    clone = copy.deepcopy(model)
+    write_weight(clone, module, read_weight(clone, module) * factor)
+    return clone

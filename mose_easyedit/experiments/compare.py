@@ -19,7 +19,8 @@ from .checkpoint import atomic_write_json, atomic_write_text, read_json, read_js
 
 logger = logging.getLogger(__name__)
 
-TASK_NAMES = {"rte": "RTE", "nq": "NQ", "samsum": "SAMSum", "sst2": "SST-2"}
+TASK_NAMES = {"rte": "RTE", "nq": "NQ", "samsum": "SAMSum", "sst2": "SST-2", "rte_ll": "RTE (LL)",
+              "sst2_ll": "SST-2 (LL)", "wikitext_ppl": "WikiText PPL ↓"}
 
 
 def load_run(run_dir: str | Path) -> tuple[list[dict], dict]:

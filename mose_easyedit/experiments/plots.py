@@ -22,6 +22,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from ..general_tasks import PERPLEXITY_TASKS  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 METRICS = ("reliability", "generalization", "locality")
@@ -125,12 +127,18 @@ def plot_run(run_dir: str | Path, records: Sequence[Mapping], summary: Mapping) 
     if general:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         tasks = [k for k in general[0] if k != "edits"]
+        twin = ax.twinx() if any(t in PERPLEXITY_TASKS for t in tasks) else None
         for index, task in enumerate(tasks):
             points = [(g["edits"], g[task]) for g in general if task in g]
-            ax.plot(*zip(*points), **series_style(index), label=task)
+            target = twin if task in PERPLEXITY_TASKS else ax
+            target.plot(*zip(*points), **series_style(index), color=f"C{index}",
+                        label=f"{task} (right axis, lower is better)" if target is twin else task)
         ax.set(ylabel="score", ylim=(-0.02, 1.02), title=f"general abilities · {title}")
+        if twin is not None:
+            twin.set_ylabel("perplexity")
         _edits_axis(ax)
-        ax.legend(fontsize=8)
+        handles = [h for a in (ax, twin) if a is not None for h in a.get_legend_handles_labels()[0]]
+        ax.legend(handles, [h.get_label() for h in handles], fontsize=8)
         ax.grid(alpha=0.3)
         written.append(_save(fig, run_dir / "general.png"))
 
@@ -230,7 +238,10 @@ def plot_compare(runs: Sequence[tuple[Sequence[Mapping], Mapping]], out_dir: str
                 if points:
                     ax.plot(*zip(*points), **series_style(index), label=run_label(summary))
         for ax, task in zip(axes[0], tasks):
-            ax.set(title=task, ylim=(-0.02, 1.02))
+            if task in PERPLEXITY_TASKS:
+                ax.set(title=f"{task} (lower is better)")
+            else:
+                ax.set(title=task, ylim=(-0.02, 1.02))
             _edits_axis(ax)
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=7)
