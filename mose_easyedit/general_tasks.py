@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import resolve_data_dir
-from .modeling import input_device
+from .modeling import base_model, input_device, plain_head
 from .tokens import join_target, pad_batch, pad_id
 
 logger = logging.getLogger(__name__)
@@ -49,8 +49,10 @@ LIKELIHOOD_TASKS = {"rte_ll": ("rte", {True: "True", False: "False"}),
                     "sst2_ll": ("sst2", {1: "positive", 0: "negative"})}
 #: Held-out perplexity of WikiText-2 (raw test split), windows of PERPLEXITY_WINDOW tokens; lower is better.
 PERPLEXITY_TASKS = ("wikitext_ppl",)
-PERPLEXITY_WINDOW = 128
+PERPLEXITY_WINDOW = 64
 TASKS = PAPER_TASKS + tuple(LIKELIHOOD_TASKS) + PERPLEXITY_TASKS
+#: Changes whenever a score's definition changes, so cached scores of the unedited model are not reused across it.
+PROTOCOL = 2
 
 RTE_PROMPT = "{s1} entails the {s2}. True or False? answer:"
 NQ_PROMPT = "Refer to the passage below and answer the following question. Passage: {doc} Question: {q}"
@@ -380,9 +382,17 @@ def likelihood_predictions(model, tok, prompts: Sequence[str], labels: dict, bat
                 for start in range(0, len(bases), batch_size):
                     rows = bases[start:start + batch_size]
                     ids, mask, _ = pad_batch(rows, pid, "right", device)
-                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                    last = torch.tensor([len(r) - 1 for r in rows], device=logits.device)
-                    scores = logits[torch.arange(len(rows), device=logits.device), last][:, label_ids]
+                    if plain_head(model):  # only the last real position needs the output head
+                        states = base_model(model)(input_ids=ids, attention_mask=mask,
+                                                   use_cache=False).last_hidden_state
+                        last = torch.tensor([len(r) - 1 for r in rows], device=states.device)
+                        picked = states[torch.arange(len(rows), device=states.device), last]
+                        logits = model.get_output_embeddings()(picked)
+                    else:
+                        full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                        last = torch.tensor([len(r) - 1 for r in rows], device=full.device)
+                        logits = full[torch.arange(len(rows), device=full.device), last]
+                    scores = logits[:, label_ids]
                     chosen += [keys[int(k)] for k in scores.float().argmax(dim=1)]
         finally:
             model.train(was_training)
@@ -496,6 +506,6 @@ def evaluate_general(model, tok, tasks: Sequence[str] = PAPER_TASKS, subset_size
         if index == 0 and len(tasks) > 1:
             elapsed = time.perf_counter() - started
             logger.info("general task %s took %.0f s; the other %d task(s) of this evaluation take roughly %.0f s "
-                        "more (generation tasks are slower)", task, elapsed, len(tasks) - 1,
+                        "more (the generation-scored tasks are slower)", task, elapsed, len(tasks) - 1,
                         elapsed * (len(tasks) - 1))
     return scores

@@ -540,3 +540,36 @@ def test_plots_count_whole_edits_keep_identical_curves_visible_and_mark_the_fina
     accuracy, perplexity = figures["general.png"].axes  # perplexity on its own (right) axis, not cut at 1
     assert [line.get_label() for line in accuracy.get_lines()] == ["sst2", "rte"]
     assert list(perplexity.get_lines()[0].get_ydata()) == [60.0, 60.0] and perplexity.get_ylim()[1] > 60
+
+
+@pytest.mark.slow
+def test_recorded_increments_rebuild_the_edited_weights_and_feed_the_figure5_analysis(shared_data, tmp_path):
+    from mose_easyedit.experiments import increments
+
+    out = tmp_path / "run"
+    summary = run(compose_config(tiny_overrides(shared_data, out) + ["record_increments=true", "general_tasks=[]",
+                                                                     "keep_checkpoint=true"]))
+    steps = increments.load_increments(out)
+    assert len(steps) == summary["steps"] == 2
+    records = ckpt.read_jsonl(out / "results.jsonl")
+    assert all(set(r["increments"]) == set(r["modules"]) for r in records)
+    model, _ = load_model_for(out)
+    final = ckpt.load_checkpoint(out / "checkpoint.pt")["weights"]
+    for module in {m for step in steps for m in step}:
+        w0 = read_weight(model, module).double()
+        rebuilt = w0 + sum(s[module]["A"].double() @ s[module]["B"].double().T for s in steps if module in s)
+        edited = final[f"{module}.weight"].double()
+        # W₀ + Σ ΔW is the edited weight up to the dropped tails and float32 factors
+        assert float(torch.linalg.norm(rebuilt - edited)) <= 2e-3 * float(torch.linalg.norm(edited - w0)) + 1e-6
+    numbers = increments.analyse(out, permutations=20)
+    assert numbers["facts"] == 2 and 0 < numbers["p_value"] <= 1 and numbers["mean_cosine_distance"] >= 0
+    assert (out / "figure5.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "figure5.json").read_text())["energy_distance"] == numbers["energy_distance"]
+
+
+def load_model_for(run_dir: Path):
+    from omegaconf import OmegaConf
+
+    from mose_easyedit.experiments.runner import load_model
+
+    return load_model(OmegaConf.load(run_dir / "config.yaml").model)

@@ -41,7 +41,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..data import DATA_ENV, load_conceptedit, load_counterfact, load_dataset, load_zsre
 from ..evaluation import OriginalOutputs, cache_locality_reference, evaluate_requests, summarize, token_accuracy
-from ..general_tasks import TASKS, evaluate_general, task_file
+from ..general_tasks import PROTOCOL, TASKS, evaluate_general, task_file
 from ..hparams import HPARAMS_ROOT
 from ..keys import context_templates
 from ..methods import METHODS
@@ -51,6 +51,7 @@ from ..modeling import (cache_dir, get_module, is_conv1d, load_default_model, mo
 from ..session import SESSIONS_ATTRIBUTE
 from ..stats import second_moments
 from . import checkpoint as ckpt
+from .increments import record_step
 from .plots import plot_run
 from .stability import method_layer_diagnostics, summarize_stability, weight_stability
 
@@ -169,7 +170,9 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def compare_configs(saved: Mapping, current: Mapping, where: Path) -> None:
     """Refuse to continue a run directory written with different result-affecting settings."""
     old, new = _flatten(saved), _flatten(current)
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    # a setting added after the run was written, at its default (off), changes nothing the run computed
+    added_off = {k for k in set(new) - set(old) if new[k] in (None, False, 0, "", [], {})}
+    changed = sorted(k for k in (set(old) | set(new)) - added_off if old.get(k) != new.get(k))
     runtime = [k for k in changed if k in RUNTIME_KEYS]
     fatal = [k for k in changed if k not in RUNTIME_KEYS]
     if fatal:
@@ -576,6 +579,7 @@ class SequentialRun:
         _, weights_copy = self.spec.apply(model, self.tok, batch, self.hparams, return_orig_weights=True)
         edit_seconds = time.perf_counter() - start
         written = self._note_written(weights_copy)
+        increments = self._record_increments(step + 1, weights_copy) if cfg.record_increments else None
         del weights_copy
         session = self._session()
         entry = session.history[-1] if session is not None and len(session.history) > history_before else {}
@@ -588,6 +592,9 @@ class SequentialRun:
         if per_layer:
             diagnostics["per_layer"] = {str(k): v for k, v in per_layer.items()}
         record["method"] = diagnostics
+        if increments is not None:
+            record["increments"] = {module: {"rank": rank, "dropped": dropped}
+                                    for module, (rank, dropped) in increments.items()}
         # the step's own facts right after their edit (one forward pass): set against the curve's retention, it
         # tells edits that failed when made from edits lost to later ones
         begin = time.perf_counter()
@@ -652,6 +659,15 @@ class SequentialRun:
             written.append(module)
         return written
 
+    def _record_increments(self, step: int, weights_copy: Mapping[str, torch.Tensor]) -> dict:
+        """The step's ΔW of every module it wrote, as low-rank factors under ``increments/`` (Figure 5)."""
+        deltas = {}
+        for name, previous in weights_copy.items():
+            module = name[:-len(".weight")] if name.endswith(".weight") else name
+            before = previous.detach().T if is_conv1d(get_module(self.model, module)) else previous.detach()
+            deltas[module] = read_weight(self.model, module).double().cpu() - before.double().cpu()
+        return record_step(self.dir, step, deltas)
+
     def _stability(self) -> dict[str, dict]:
         """Stability of every module touched so far; only the ones written since the last measurement are
         recomputed."""
@@ -675,7 +691,7 @@ class SequentialRun:
         if not self.cfg.general_cache:
             return self._general()
         cfg = self.cfg
-        key = {"model": model_identity(self.model), "weights": weights_digest(self.model),
+        key = {"model": model_identity(self.model), "weights": weights_digest(self.model), "protocol": PROTOCOL,
                "tasks": list(cfg.general_tasks), "subset": cfg.general_subset_size, "seed": cfg.general_seed,
                "batch": cfg.general_batch_size,
                "files": {task: file_digest(task_file(task, cfg.data_dir)) for task in cfg.general_tasks}}
