@@ -234,3 +234,32 @@ def test_paper_side_with_free_targets_reproduces_the_earlier_results_bit_for_bit
         digest.update(name.encode())
         digest.update(p.detach().contiguous().numpy().tobytes())
     assert digest.hexdigest() in PAPER_MOSE_DIGESTS[family]
+
+
+def test_trust_region_caps_each_rotation_and_keeps_the_spectrum(tokenizer):
+    model = build_tiny_model("llama", len(tokenizer))
+    free = tiny_hparams(MOSEHyperParams, "llama")
+    apply_mose_to_model(model, tokenizer, [REQUESTS[0]], free)
+    uncapped = max(d["rotation_distance"] for d in me.edit_history(model)[0]["per_layer"].values())
+    model = build_tiny_model("llama", len(tokenizer))
+    modules = [free.rewrite_module_tmp.format(layer) for layer in range(4)]
+    spectra = {m: spectrum(model, m) for m in modules}
+    cap = uncapped / 2
+    capped = tiny_hparams(MOSEHyperParams, "llama", max_rotation=cap, target_reach="rotation", target_max_angle=0.2)
+    apply_mose_to_model(model, tokenizer, [REQUESTS[0]], capped)
+    per_layer = me.edit_history(model)[0]["per_layer"].values()
+    assert all(d["rotation_distance"] <= cap + 1e-9 and 0 < d["trust_fraction"] <= 1 for d in per_layer)
+    for module in modules:
+        norm, kappa = spectrum(model, module)
+        assert norm == pytest.approx(spectra[module][0], rel=1e-5)
+        assert kappa == pytest.approx(spectra[module][1], rel=1e-4)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"max_rotation": 0.0}, "max_rotation"),
+    ({"max_rotation": 0.5, "rotation_side": "input"}, "max_rotation"),
+    ({"target_max_angle": 0.5}, "target_max_angle' needs target_reach"),
+])
+def test_trust_region_settings_are_checked(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_hparams(MOSEHyperParams, "llama", **overrides)
