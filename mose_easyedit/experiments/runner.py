@@ -51,7 +51,6 @@ from ..modeling import (cache_dir, get_module, is_conv1d, load_default_model, mo
 from ..session import SESSIONS_ATTRIBUTE
 from ..stats import second_moments
 from . import checkpoint as ckpt
-from .increments import record_step
 from .plots import plot_run
 from .stability import method_layer_diagnostics, summarize_stability, weight_stability
 
@@ -661,6 +660,8 @@ class SequentialRun:
 
     def _record_increments(self, step: int, weights_copy: Mapping[str, torch.Tensor]) -> dict:
         """The step's ΔW of every module it wrote, as low-rank factors under ``increments/`` (Figure 5)."""
+        from .increments import record_step  # here, so `python -m ...increments` finds it unimported
+
         deltas = {}
         for name, previous in weights_copy.items():
             module = name[:-len(".weight")] if name.endswith(".weight") else name
