@@ -3,8 +3,8 @@
 A run with ``record_increments=true`` keeps each edit call's increment ΔW_i = W_i − W_{i−1} of every module it
 wrote, compactly, as low-rank factors ΔW_i ≈ A Bᵀ (``increments/step-NNNNNN.pt``): exact for an additive call
 (rank ≤ its batch size) and for an input-side plane (rank two per request); an output-side rotation's increment
-(R − I) W is truncated where the singular values' tail holds less than ``tolerance`` of ‖ΔW_i‖_F (the file says
-how much was dropped). Then
+(R − I) W is truncated where the singular values' tail holds less than ``tolerance`` of ‖ΔW_i‖_F, and an increment
+that is neither (RECT's sparse ΔW) at ``max_rank`` (the file and ``figure5.json`` say how much was dropped). Then
 
     python -m mose_easyedit.experiments.increments RUN_DIR [--out DIR] [--permutations 1000]
 
