@@ -107,7 +107,7 @@ def _groups(request: dict, key: str) -> dict[str, list[tuple[str, str]]]:
 
 # -------------------------------------------------------------------------------------------- forward passes
 @contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module):
+def eval_mode(model: torch.nn.Module):
     """Evaluate with dropout off, restoring the model's train/eval flag afterwards."""
     was_training = model.training
     model.eval()
@@ -151,7 +151,7 @@ def _forward_targets(model, tok, encodings: Sequence[Encoded], batch_size: int, 
     order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))  # little padding per batch
     batches = list(_chunks(order, batch_size))
     keep_supported = _accepts_logits_to_keep(model)
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for chunk in tqdm(batches, desc=desc, disable=not progress or len(batches) < 2, leave=False):
             ids, mask, _ = pad_batch([encodings[i].ids for i in chunk], pid, "right", device)
             # Only the positions that predict target tokens need logits (position t-1 predicts token t).

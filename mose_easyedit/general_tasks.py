@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import resolve_data_dir
+from .evaluation import eval_mode, target_nll
 from .modeling import base_model, input_device, plain_head
 from .tokens import join_target, pad_batch, pad_id
 
@@ -256,20 +257,15 @@ def generate_texts(model, tok, prompts: Sequence[str], max_new_tokens: int, batc
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     outputs: list[str] = [""] * len(prompts)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for chunk in tqdm(batches, desc=desc, disable=not progress or len(batches) < 2, leave=False):
-                ids, mask, _ = pad_batch([encoded[i] for i in chunk], pid, "left", device)
-                generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-                new_tokens = generated[:, ids.shape[1]:].tolist()
-                for row, i in enumerate(chunk):
-                    tokens = new_tokens[row]
-                    cut = next((k for k, t in enumerate(tokens) if t in eos), len(tokens))
-                    outputs[i] = tok.decode(tokens[:cut], skip_special_tokens=True)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for chunk in tqdm(batches, desc=desc, disable=not progress or len(batches) < 2, leave=False):
+            ids, mask, _ = pad_batch([encoded[i] for i in chunk], pid, "left", device)
+            generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            new_tokens = generated[:, ids.shape[1]:].tolist()
+            for row, i in enumerate(chunk):
+                tokens = new_tokens[row]
+                cut = next((k for k, t in enumerate(tokens) if t in eos), len(tokens))
+                outputs[i] = tok.decode(tokens[:cut], skip_special_tokens=True)
     return outputs
 
 
@@ -367,35 +363,15 @@ def likelihood_predictions(model, tok, prompts: Sequence[str], labels: dict, bat
                            progress: bool = True) -> list:
     """For each prompt, the label (a key of ``labels``) whose text has the highest log-probability as the
     continuation, log p(label text | prompt) summed over its tokens (ties: the first label)."""
-    from .evaluation import target_nll
-
     keys = list(labels)
     single = _single_token_labels(tok, prompts, [labels[k] for k in keys])
     if single is not None:  # every label one token after every prompt: one forward pass per prompt suffices
         bases, label_ids = single
-        device, pid = input_device(model), pad_id(tok)
         chosen = []
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for start in range(0, len(bases), batch_size):
-                    rows = bases[start:start + batch_size]
-                    ids, mask, _ = pad_batch(rows, pid, "right", device)
-                    if plain_head(model):  # only the last real position needs the output head
-                        states = base_model(model)(input_ids=ids, attention_mask=mask,
-                                                   use_cache=False).last_hidden_state
-                        last = torch.tensor([len(r) - 1 for r in rows], device=states.device)
-                        picked = states[torch.arange(len(rows), device=states.device), last]
-                        logits = model.get_output_embeddings()(picked)
-                    else:
-                        full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                        last = torch.tensor([len(r) - 1 for r in rows], device=full.device)
-                        logits = full[torch.arange(len(rows), device=full.device), last]
-                    scores = logits[:, label_ids]
-                    chosen += [keys[int(k)] for k in scores.float().argmax(dim=1)]
-        finally:
-            model.train(was_training)
+        with eval_mode(model), torch.no_grad():
+            for start in range(0, len(bases), batch_size):
+                scores = _last_position_logits(model, tok, bases[start:start + batch_size])[:, label_ids]
+                chosen += [keys[int(k)] for k in scores.float().argmax(dim=1)]
         return chosen
     pairs = [(prompt, labels[key]) for prompt in prompts for key in keys]
     nll = target_nll(model, tok, [p for p, _ in pairs], [t for _, t in pairs], batch_size, progress, "sum")
@@ -403,6 +379,18 @@ def likelihood_predictions(model, tok, prompts: Sequence[str], labels: dict, bat
 
 
 _WINDOWS: dict[tuple, list[list[int]]] = {}
+
+
+def _last_position_logits(model, tok, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(len(rows), vocab) logits at each row's last token (rows right-padded into one batch); with a plain output
+    head only those positions go through it."""
+    ids, mask, _ = pad_batch(rows, pad_id(tok), "right", input_device(model))
+    last = torch.tensor([len(r) - 1 for r in rows])
+    if plain_head(model):
+        states = base_model(model)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        return model.get_output_embeddings()(states[torch.arange(len(rows)), last.to(states.device)])
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return logits[torch.arange(len(rows)), last.to(logits.device)]
 
 
 def _single_token_labels(tok, prompts: Sequence[str], texts: Sequence[str]):
@@ -439,19 +427,14 @@ def perplexity(model, tok, windows: Sequence[Sequence[int]], batch_size: int = 8
     """exp of the mean next-token negative log-likelihood over every window (each predicted from its own start)."""
     device = input_device(model)
     total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(windows), batch_size):
-                ids = torch.tensor(windows[start:start + batch_size], device=device)
-                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                         ids[:, 1:].reshape(-1), reduction="sum")
-                total += float(loss)
-                count += ids[:, 1:].numel()
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, len(windows), batch_size):
+            ids = torch.tensor(windows[start:start + batch_size], device=device)
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                     ids[:, 1:].reshape(-1), reduction="sum")
+            total += float(loss)
+            count += ids[:, 1:].numel()
     return float(torch.exp(torch.tensor(total / count)))
 
 

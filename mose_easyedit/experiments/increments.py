@@ -110,9 +110,11 @@ def two_conditions(model, tok, facts: Sequence[tuple[str, str]], steps: Sequence
         return {m: f["A"].double() @ f["B"].double().T for m, f in step.items()}
 
     try:
-        single = []
+        single, current = [], None
         for fact, index in zip(facts, fact_steps):
-            _with_increment(model, originals, dense(steps[index]))
+            if index != current:  # the facts of one batch step share its increment
+                _with_increment(model, originals, dense(steps[index]))
+                current = index
             single.append(representations(model, tok, [fact]))
         total: dict[str, torch.Tensor] = {}
         for step in steps:

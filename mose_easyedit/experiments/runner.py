@@ -640,15 +640,11 @@ class SequentialRun:
         """Record which parameters the step wrote; W₀ of a module first written outside the touchable layers is
         its pre-edit copy from ``weights_copy``."""
         state, written = self.state, []
-        for name, previous in weights_copy.items():
-            module = name[:-len(".weight")] if name.endswith(".weight") else name
+        for name, (module, previous) in self._pre_edit_weights(weights_copy).items():
             if name not in state["parameters"]:
                 state["parameters"].append(name)
             if module not in self.originals:
-                value = previous.detach()
-                if is_conv1d(get_module(self.model, module)):
-                    value = value.T
-                self.originals[module] = value.to("cpu", copy=True)
+                self.originals[module] = previous.to("cpu", copy=True)
                 state["stability_original"][module] = weight_stability(self.originals[module], None,
                                                                        self.cfg.stability_dtype)
             if module not in state["touched"]:
@@ -658,15 +654,22 @@ class SequentialRun:
             written.append(module)
         return written
 
+    def _pre_edit_weights(self, weights_copy: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, torch.Tensor]]:
+        """``{parameter name: (module, its pre-edit weight in (out, in) orientation)}`` of a step's
+        ``weights_copy`` (GPT-2's Conv1D stores (in, out))."""
+        out = {}
+        for name, previous in weights_copy.items():
+            module = name[:-len(".weight")] if name.endswith(".weight") else name
+            value = previous.detach()
+            out[name] = (module, value.T if is_conv1d(get_module(self.model, module)) else value)
+        return out
+
     def _record_increments(self, step: int, weights_copy: Mapping[str, torch.Tensor]) -> dict:
         """The step's ΔW of every module it wrote, as low-rank factors under ``increments/`` (Figure 5)."""
         from .increments import record_step  # here, so `python -m ...increments` finds it unimported
 
-        deltas = {}
-        for name, previous in weights_copy.items():
-            module = name[:-len(".weight")] if name.endswith(".weight") else name
-            before = previous.detach().T if is_conv1d(get_module(self.model, module)) else previous.detach()
-            deltas[module] = read_weight(self.model, module).double().cpu() - before.double().cpu()
+        deltas = {module: read_weight(self.model, module).double().cpu() - before.double().cpu()
+                  for module, before in self._pre_edit_weights(weights_copy).values()}
         return record_step(self.dir, step, deltas)
 
     def _stability(self) -> dict[str, dict]:
