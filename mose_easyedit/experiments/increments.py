@@ -98,9 +98,11 @@ def _with_increment(model, originals: dict[str, torch.Tensor], increment: dict[s
 
 
 def two_conditions(model, tok, facts: Sequence[tuple[str, str]], steps: Sequence[dict[str, dict]],
-                   fact_steps: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                   fact_steps: Sequence[int], progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Representations of ``facts`` under (i) W₀ + ΔW of the step that edited each fact and (ii) W₀ + every ΔW.
     ``model`` holds W₀ and holds it again afterwards."""
+    from tqdm.auto import tqdm
+
     from ..modeling import read_weight, write_weight
 
     modules = sorted({m for step in steps for m in step})
@@ -111,7 +113,8 @@ def two_conditions(model, tok, facts: Sequence[tuple[str, str]], steps: Sequence
 
     try:
         single, current = [], None
-        for fact, index in zip(facts, fact_steps):
+        for fact, index in tqdm(list(zip(facts, fact_steps)), desc="single-update representations",
+                                disable=not progress, leave=False):
             if index != current:  # the facts of one batch step share its increment
                 _with_increment(model, originals, dense(steps[index]))
                 current = index
