@@ -1,0 +1,128 @@
+"""Behaviour pins: the edited weights of every shipped configuration, bit for bit.
+
+Each case edits a model sequentially and hashes every parameter afterwards. The digests were computed by the
+code before the update heads were restructured (commit 2fb4d90) on this project's CI machines; refactors must
+keep them. The last bits depend on the floating-point kernels of the machine and library build, so a digest
+mismatch on a different machine is not by itself a behaviour change: re-record there with the old code
+(``python tests/test_digests.py --record``) and compare.
+
+* embedded model: the first 10 cases of ``counterfact-edit.json``, one fact per call, with every shipped
+  ``hparams/<METHOD>/smollm2-135m*.yaml`` (statistics from the shared WikiText, 200 texts, as the other
+  embedded-model tests use);
+* tiny LLaMA and GPT-2 models: every registered method, two single edits then one call of both facts.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REQUESTS, build_tiny_model, embedded_hparams, load_cases, snapshot, tiny_hparams
+
+DIGESTS_FILE = Path(__file__).with_name("weight_digests.json")
+HPARAMS_DIR = Path(__file__).resolve().parents[1] / "hparams"
+EMBEDDED = sorted(f"{path.parent.name}/{path.stem}" for path in HPARAMS_DIR.glob("*/smollm2-135m*.yaml"))
+TINY = [(method, family) for method in ("ROME", "MEMIT", "RECT", "EMMET", "PRUNE", "AlphaEdit", "MOSE",
+                                        "MOSE-input", "MOSE-OFT") for family in ("llama", "gpt2")]
+# tiny-model hyperparameters where a method's defaults are for real models (as in test_methods.py), and the
+# class of the methods that are configurations of another one
+TINY_CONFIG = {
+    "MOSE-input": ("MOSE", dict(rotation_side="input", input_subspace="null_c", target_reach="rotation")),
+    "MOSE-OFT": ("MOSE-OFT", dict(lr=1e-2, num_steps=12, coft=False)),
+    "ROME": ("ROME", dict(layers=[2])),
+    "MEMIT": ("MEMIT", dict(mom2_update_weight=1.0)),
+    "RECT": ("RECT", dict(mom2_update_weight=1.0)),
+    "PRUNE": ("PRUNE", dict(mom2_update_weight=1.0)),
+    "AlphaEdit": ("AlphaEdit", dict(nullspace_threshold=0.05, L2=1.0)),
+}
+
+
+def model_digest(model) -> str:
+    digest = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(p.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def recorded() -> dict:
+    return json.loads(DIGESTS_FILE.read_text()) if DIGESTS_FILE.exists() else {}
+
+
+def edit_embedded(model, tok, config: str, shared_data) -> str:
+    import mose_easyedit as me
+    from mose_easyedit.methods import METHODS
+
+    method, name = config.split("/")
+    spec = METHODS[method]
+    hp = embedded_hparams(spec.hparams_cls, shared_data, name)
+    me.reset_session(model)
+    for case in load_cases(10):
+        spec.apply(model, tok, [case], hp)
+    return model_digest(model)
+
+
+def edit_tiny(method: str, family: str, tok) -> str:
+    from mose_easyedit.methods import METHODS
+
+    base, overrides = TINY_CONFIG.get(method, (method, {}))
+    torch.set_num_threads(1)
+    model = build_tiny_model(family, len(tok))
+    spec = METHODS[base]
+    hp = tiny_hparams(spec.hparams_cls, family, **overrides)
+    for request in REQUESTS:
+        spec.apply(model, tok, [request], hp)
+    spec.apply(model, tok, REQUESTS, hp)
+    return model_digest(model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", EMBEDDED)
+def test_shipped_embedded_configuration_edits_bit_for_bit_as_recorded(default_model, shared_data, config):
+    from conftest import assert_bit_identical  # noqa: F401  (same helpers as the other embedded tests)
+    import mose_easyedit as me
+
+    model, tok = default_model
+    torch.set_num_threads(1)
+    original = snapshot(model)
+    try:
+        digest = edit_embedded(model, tok, config, shared_data)
+    finally:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(original[name])
+        me.reset_session(model)
+    assert digest == recorded()["embedded"][config]
+
+
+@pytest.mark.parametrize("method,family", TINY)
+def test_every_method_edits_a_tiny_model_bit_for_bit_as_recorded(tokenizer, method, family):
+    assert edit_tiny(method, family, tokenizer) == recorded()["tiny"][f"{method}/{family}"]
+
+
+if __name__ == "__main__" and "--record" in sys.argv:
+    import time
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import SHARED_DATA
+    from mose_easyedit.modeling import load_default_model
+
+    torch.set_num_threads(1)
+    model, tok = load_default_model()
+    result = {"tiny": {}, "embedded": {}}
+    for method, family in TINY:
+        result["tiny"][f"{method}/{family}"] = edit_tiny(method, family, tok)
+        print(method, family, result["tiny"][f"{method}/{family}"][:12], flush=True)
+    original = snapshot(model)
+    for config in EMBEDDED:
+        start = time.perf_counter()
+        result["embedded"][config] = edit_embedded(model, tok, config, SHARED_DATA)
+        print(config, result["embedded"][config][:12], f"{time.perf_counter() - start:.0f} s", flush=True)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(original[name])
+    DIGESTS_FILE.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
