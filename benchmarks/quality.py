@@ -12,7 +12,7 @@ of one fact) and batch-sequential (T steps of b facts), as Hydra multiruns (``py
                                                         the machine and the command
 
 The rows are the six baselines, MOSE (the paper's output side, ``hparams/MOSE/<model>.yaml``), every other MOSE
-configuration shipped for the model (MOSE-input: ``hparams/MOSE/<model>-input.yaml``) and MOSE-OFT. Every run is
+configuration shipped for the model (MOSE-input: ``hparams/MOSE-input/<model>.yaml``) and MOSE-OFT. Every run is
 resumable: re-running the same command continues unfinished runs and skips finished ones.
 
     python benchmarks/quality.py --out runs/benchmark                    # defaults: fit 90 min per core on 2 CPUs

@@ -1,6 +1,7 @@
 """MOSE (Multiplicative Orthogonal Sequential Editing) and six locate-then-edit baselines on one shared core."""
 from .easyedit import autoregister, register, unregister
 from .methods import (METHODS, AlphaEditHyperParams, EMMETHyperParams, MEMITHyperParams, MOSEHyperParams,
+                      MOSEInputHyperParams, apply_mose_input_to_model,
                       MOSEOFTHyperParams, PRUNEHyperParams, RECTHyperParams, ROMEHyperParams, apply_alphaedit_to_model,
                       apply_emmet_to_model, apply_memit_to_model, apply_mose_oft_to_model, apply_mose_to_model,
                       apply_prune_to_model, apply_rect_to_model, apply_rome_to_model, undo_mose_edits)
@@ -16,7 +17,8 @@ def edit_history(model, method: str = "MOSE") -> list[dict]:
     return list(session.history) if session is not None else []
 
 
-__all__ = ["METHODS", "MOSEHyperParams", "apply_mose_to_model", "undo_mose_edits", "MOSEOFTHyperParams",
+__all__ = ["METHODS", "MOSEHyperParams", "apply_mose_to_model", "MOSEInputHyperParams", "apply_mose_input_to_model",
+           "undo_mose_edits", "MOSEOFTHyperParams",
            "apply_mose_oft_to_model", "ROMEHyperParams", "apply_rome_to_model", "MEMITHyperParams",
            "apply_memit_to_model", "RECTHyperParams", "apply_rect_to_model", "EMMETHyperParams", "apply_emmet_to_model",
            "PRUNEHyperParams", "apply_prune_to_model", "AlphaEditHyperParams", "apply_alphaedit_to_model",

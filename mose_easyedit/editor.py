@@ -2,7 +2,13 @@
 
     validate requests → choose the layer window → target z at the window's top layer →
     for each layer in the window (ascending): keys K, current h, residual spread over the remaining layers,
-    W ← rule(W, K, residual, C, state) → commit (or restore everything on any error).
+    Update(W', state', diagnostics) = rule(batch, operands, state, hparams) → write W' →
+    after the last layer: state'' = finish(state') → swap state'' into the session
+    (or, on any error, restore every touched weight and keep the session's state as it was).
+
+A rule is a pure function: the layer's tensors (:class:`LayerBatch`), the layer's cached operands
+(:class:`Operands`: C, its Cholesky factor, a null-space projector), the method's carried state (one frozen
+dataclass per method) and the hyperparameters in, an :class:`Update` out. It never sees the model or the call.
 
 ``apply_method`` implements EasyEdit's ``apply_algo`` contract: it edits in place and returns
 ``(model, weights_copy)``.
@@ -14,7 +20,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -50,6 +56,33 @@ class LayerBatch:
         return self.W @ self.K + self.residual
 
 
+@dataclass(frozen=True)
+class Operands:
+    """A layer's cached operands, fetched by the method for its rule: ``C`` (p, p) the key second moment on the
+    weight's device, ``C_factor`` its Cholesky factor (None: not positive definite), ``P`` a null-space projector
+    of C and ``P_rank`` its rank."""
+
+    C: Optional[torch.Tensor] = None
+    C_factor: Optional[torch.Tensor] = None
+    P: Optional[torch.Tensor] = None
+    P_rank: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Update:
+    """What a rule returns: the layer's new weight (d, p) float64, the carried state after this layer, and the
+    layer's diagnostics."""
+
+    weight: torch.Tensor
+    state: Any = None
+    diagnostics: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NoState:
+    """The carried state of a method that carries nothing between calls."""
+
+
 @dataclass
 class EditContext:
     """One call's view of the model: cached templates and statistics, weight backup, timings, diagnostics."""
@@ -59,10 +92,10 @@ class EditContext:
     hparams: object
     session: EditSession
     requests: list[EditRequest]
+    state: Any = None  # the method's carried state as this call has advanced it so far
     backup: dict[str, torch.Tensor] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=lambda: {"keys": 0.0, "targets": 0.0, "update": 0.0})
     diagnostics: dict = field(default_factory=dict)
-    commits: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def families(self) -> list[list[str]]:
@@ -120,10 +153,10 @@ class EditContext:
                                     clamp_reference, project=project)
 
 
-Rule = Callable[[EditContext, LayerBatch], torch.Tensor]
+Rule = Callable[[LayerBatch, Operands, Any, Any], Update]
 
 
-def spread_update(ctx: EditContext, window: Sequence[int], rule: Rule, target: TargetResult) -> None:
+def spread_update(ctx: EditContext, window: Sequence[int], method: "Method", target: TargetResult) -> None:
     """MEMIT's multi-layer spreading: visit the window's layers in ascending order; at each, recompute keys and
     the current h at the top layer (lower layers already updated) and hand the rule the residual
     (z − h) / (layers remaining). Only the visited layer changes between two passes, so each pass starts at the
@@ -137,24 +170,47 @@ def spread_update(ctx: EditContext, window: Sequence[int], rule: Rule, target: T
         batch = LayerBatch(layer, ctx.module(layer), W, keys[layer].to(W.device), keys_bare[layer].to(W.device),
                            residual, position, list(window))
         with ctx.timed("update"):
-            new_weight = rule(ctx, batch)
-            if not torch.isfinite(new_weight).all():
+            update = method.rule(batch, method.operands(ctx, layer, W), ctx.state, ctx.hparams)
+            if not torch.isfinite(update.weight).all():
                 raise FloatingPointError(f"{ctx.session.method}: update of layer {layer} is not finite")
-            ctx.write(layer, new_weight)
+            ctx.write(layer, update.weight)
+            ctx.state = update.state
+            method.record(ctx, batch, update.diagnostics)
 
 
 class Method:
-    """A locate-then-edit method: a window, a clamp reference and an update rule on the shared core."""
+    """A locate-then-edit method on the shared core: a window, a clamp reference, the operands its rule reads,
+    the rule itself (a pure function, ``rule = staticmethod(...)``) and the type of its carried state."""
 
     name: str = ""
     hparams_class: type = object
     clamp_reference: str = "residual"
+    state_class: type = NoState
+    rule: Rule
 
     def window(self, ctx: EditContext) -> list[int]:
         return sorted(ctx.hparams.layers)
 
-    def rule(self, ctx: EditContext, batch: LayerBatch) -> torch.Tensor:
-        raise NotImplementedError
+    # the per-layer diagnostics an experiment summary averages over a run
+    summary_diagnostics: tuple[str, ...] = ("rho", "fit_error")
+    # the layer-choice ablations (paper §6.4) the method supports; see :meth:`ablation`
+    ablations: tuple[str, ...] = ()
+
+    def operands(self, ctx: EditContext, layer: int, W: torch.Tensor) -> Operands:
+        """The layer's cached operands on ``W``'s device; default: none."""
+        return Operands()
+
+    def touchable_layers(self, hparams, total: int) -> list[int]:
+        """Every layer an edit with ``hparams`` may write, on a model of ``total`` layers."""
+        return sorted(layer for layer in hparams.layers if 0 <= layer < total)
+
+    def ablation(self, which: str, fixed_layer: Optional[int]) -> dict:
+        """The hyperparameter changes of the layer-choice ablation ``which`` (one of :attr:`ablations`)."""
+        raise ValueError(f"{self.name} has no layer selection to ablate")
+
+    def record(self, ctx: EditContext, batch: LayerBatch, diagnostics: dict) -> None:
+        """Where a layer's diagnostics go in the call's record; default: ``per_layer[layer]``."""
+        ctx.diagnostics.setdefault("per_layer", {})[batch.layer] = diagnostics
 
     def reach(self, ctx: EditContext, window: list[int]) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The projection of the target optimisation's δ onto what the rule can deliver (``target_reach``);
@@ -170,17 +226,20 @@ class Method:
         target = ctx.targets(max(window), self.clamp_reference, self.reach(ctx, window))
         ctx.diagnostics.update(layers=window, target_loss=target.losses, target_steps=target.steps,
                                delta_norm=target.delta.norm(dim=0).tolist())
-        spread_update(ctx, window, self.rule, target)
+        spread_update(ctx, window, self, target)
 
-    def finish(self, ctx: EditContext) -> None:
-        """Hook after a successful edit (e.g. PRUNE's restraint); default: nothing."""
+    def finish(self, ctx: EditContext, state):
+        """The carried state after the call's last layer (e.g. AlphaEdit's moment grown by the batch's keys);
+        may still write weights (PRUNE's restraint). Default: ``state`` as the rule left it."""
+        return state
 
     def apply(self, model, tok, requests, hparams, copy: bool = False, return_orig_weights: bool = False,
-              keep_original_weight: bool = False, **kwargs):
+              **kwargs):
         """EasyEdit's ``apply_algo``: edit ``model`` in place; return ``(model, weights_copy)``.
 
         The edit is atomic: on any error every touched weight is restored bit for bit and the session's state is
-        left as it was. Extra keyword arguments from EasyEdit (``train_ds``, ...) are accepted and ignored.
+        left as it was. Extra keyword arguments from EasyEdit (``train_ds``, ``keep_original_weight``, ...) are
+        accepted and ignored.
         """
         if not isinstance(hparams, self.hparams_class):
             raise TypeError(f"{self.name} needs {self.hparams_class.__name__}, got {type(hparams).__name__}")
@@ -189,18 +248,18 @@ class Method:
         if copy:
             model = copy_module.deepcopy(model)
         session = kwargs.get("session") or get_session(model, self.name)
-        ctx = EditContext(model, tok, hparams, session, normalised)
+        state = session.state if isinstance(session.state, self.state_class) else self.state_class()
+        ctx = EditContext(model, tok, hparams, session, normalised, state=state)
         start = time.perf_counter()
         try:
             self.edit(ctx)
-            self.finish(ctx)
+            state = self.finish(ctx, ctx.state)
         except BaseException:
             with torch.no_grad():
                 for module, original in ctx.backup.items():
                     get_module(model, module).weight.copy_(original)
             raise
-        for commit in ctx.commits:
-            commit()
+        session.state = state
         session.num_edits += len(normalised)
         session.record_weights(model, ctx.backup)
         ctx.diagnostics.update(num_requests=len(normalised), edit_index=session.num_edits,

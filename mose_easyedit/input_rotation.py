@@ -220,6 +220,33 @@ def low_variance_direction(W: torch.Tensor, k: torch.Tensor, C: torch.Tensor, sh
 
 
 # ------------------------------------------------------------------------------------------- reachable targets
+def key_subspaces(W: torch.Tensor, k: torch.Tensor, protected: torch.Tensor, P: torch.Tensor | None = None,
+                  C: torch.Tensor | None = None, a_ridge: float | None = None, protect_reading: bool = False):
+    """``(a, allowed, reading)`` for key ``k``: the unnormalised turning direction a (its length is the reach
+    α = âᵀk), the projector ``allowed`` onto the subspace a comes from, and the projector ``reading`` onto the
+    subspace the reading direction b may use; every subspace ⊥ the ``protected`` keys (p × m).
+
+    With ``P`` (a projector onto the null space of the generic keys, "null_c") a and b lie in P's range. Without
+    it ("null_w") a lies in null(W), found by a solve with W Wᵀ; with ``a_ridge`` and ``C`` a is instead the
+    direction that moves generic keys least per unit of reach (:func:`low_variance_direction`); b is free but
+    ⊥ a (and ⊥ the protected keys with ``protect_reading``).
+    """
+    if P is not None:
+        base = P.double().__matmul__
+    else:
+        gram = W @ W.T
+        base = lambda x: x - W.T @ torch.linalg.solve(gram, W @ x)  # noqa: E731  (onto null(W))
+    shield = orthonormal_columns(base(protected))
+    allowed = minus_span(base, shield)
+    a = allowed(k)
+    if P is None and a_ridge is not None:
+        a = low_variance_direction(W, k, C, shield, a_ridge)
+    if P is not None:
+        return a, allowed, minus_span(base, orthonormal_columns(torch.cat([shield, a[:, None]], dim=1)))
+    avoid = torch.cat([protected, a[:, None]], dim=1) if protect_reading else a[:, None]
+    return a, allowed, minus_span(lambda x: x, orthonormal_columns(avoid))
+
+
 def project_to_reach(delta: torch.Tensor, readers: list[Reader], radii: torch.Tensor,
                      sweeps: int = 8) -> torch.Tensor:
     """Nearest point to each row of ``delta`` (n×d) in the Minkowski sum over layers l of the ellipsoids

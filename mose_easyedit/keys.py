@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from .cache import model_cache
 from .modeling import blocks_from, decoder_blocks, input_device, is_block
 from .nethook import StopForward, Trace, TraceDict
 from .requests import EditRequest
@@ -20,17 +21,6 @@ from .tokens import Encoded, encode_prompt, pad_batch, pad_id
 logger = logging.getLogger(__name__)
 
 PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")
-CACHE_ATTRIBUTE = "_mose_easyedit_cache"
-
-
-def model_cache(model) -> dict:
-    """Per-model cache (context templates, statistics, spectral norms), stored on the model object itself so it
-    lives and dies with the model; never a module global."""
-    cache = model.__dict__.get(CACHE_ATTRIBUTE)
-    if cache is None:
-        cache = {}
-        model.__dict__[CACHE_ATTRIBUTE] = cache
-    return cache
 
 
 def context_templates(model, tok, length_params: Sequence[Sequence[int]], seed: int = 0) -> list[list[str]]:

@@ -1,7 +1,8 @@
 """Editing sessions: the state one editing run carries between calls, scoped to one model and one method.
 
-A session lives on the model object (never in a module global) and holds the method's carried state
-(AlphaEdit's K_pK_pᵀ, PRUNE's W₀, MOSE's protected-key moments and rotation log), the per-edit diagnostics and a
+A session lives on the model object (never in a module global) and holds the method's carried state (one frozen
+dataclass: AlphaEdit's K_pK_pᵀ and its carried inverse, PRUNE's W₀ and W_raw, MOSE's protected keys, preservation
+moment and undo log; replaced whole after each successful call), the per-edit diagnostics and a
 fingerprint of every weight it wrote. When those weights no longer match the fingerprints — EasyEdit restored them
 after a non-sequential edit, or the user reloaded them — the run is over and the next call starts a new session,
 so state never leaks between independent runs.
@@ -34,7 +35,7 @@ class EditSession:
     """One editing run of one method on one model."""
 
     method: str
-    state: dict[str, Any] = field(default_factory=dict)
+    state: Any = None  # the method's carried state, one frozen dataclass (None: nothing carried yet)
     history: list[dict] = field(default_factory=list)
     fingerprints: dict[str, tuple] = field(default_factory=dict)
     num_edits: int = 0

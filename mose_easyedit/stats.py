@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .keys import model_cache
+from .cache import model_cache
 from .modeling import cache_dir, get_module, input_device, model_identity, read_weight
 from .nethook import StopForward, TraceDict
 from .tokens import pad_id

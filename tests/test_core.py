@@ -6,7 +6,8 @@ import torch
 from conftest import CORPUS, FAMILIES, build_tiny_model, tiny_hparams
 
 from mose_easyedit.keys import bare_rows, context_templates, encode_rows, family_mean, trace_at_subject
-from mose_easyedit.methods.mose import MOSEHyperParams, layer_window
+from mose_easyedit.methods.mose import MOSEHyperParams
+from mose_easyedit.methods.mose_shared import layer_window
 from mose_easyedit.modeling import get_module
 from mose_easyedit.nethook import StopForward, Trace, TraceDict
 from mose_easyedit.requests import validate_requests

@@ -41,6 +41,10 @@ TINY_CONFIG = {
 }
 
 
+# a configuration shipped after the digests were recorded, and the recorded one it must reproduce
+SAME_AS = {"MOSE-input/smollm2-135m": "MOSE/smollm2-135m-input"}
+
+
 def model_digest(model) -> str:
     digest = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
@@ -83,7 +87,6 @@ def edit_tiny(method: str, family: str, tok) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("config", EMBEDDED)
 def test_shipped_embedded_configuration_edits_bit_for_bit_as_recorded(default_model, shared_data, config):
-    from conftest import assert_bit_identical  # noqa: F401  (same helpers as the other embedded tests)
     import mose_easyedit as me
 
     model, tok = default_model
@@ -96,7 +99,7 @@ def test_shipped_embedded_configuration_edits_bit_for_bit_as_recorded(default_mo
             for name, p in model.named_parameters():
                 p.copy_(original[name])
         me.reset_session(model)
-    assert digest == recorded()["embedded"][config]
+    assert digest == recorded()["embedded"][SAME_AS.get(config, config)]
 
 
 @pytest.mark.parametrize("method,family", TINY)
@@ -118,7 +121,7 @@ if __name__ == "__main__" and "--record" in sys.argv:
         result["tiny"][f"{method}/{family}"] = edit_tiny(method, family, tok)
         print(method, family, result["tiny"][f"{method}/{family}"][:12], flush=True)
     original = snapshot(model)
-    for config in EMBEDDED:
+    for config in (c for c in EMBEDDED if c not in SAME_AS):
         start = time.perf_counter()
         result["embedded"][config] = edit_embedded(model, tok, config, SHARED_DATA)
         print(config, result["embedded"][config][:12], f"{time.perf_counter() - start:.0f} s", flush=True)

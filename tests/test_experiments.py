@@ -92,23 +92,24 @@ def test_config_overrides_and_hparams(shared_data, tmp_path):
 
 
 def test_method_variant_and_label_name_the_run_and_its_hyperparameters(shared_data, tmp_path):
-    """method=MOSE-input runs MOSE with hparams/MOSE/<model>-input.yaml under its own label; label=... renames any
-    run's row; a model without the variant's file fails in one line naming the missing file."""
+    """method=MOSE-input runs the registered MOSE-input with hparams/MOSE-input/<model>.yaml; label=... renames any
+    run's row; a model without the method's file fails in one line naming the missing file."""
     from mose_easyedit.experiments.compare import comparison_table
     from mose_easyedit.experiments.runner import hparams_path, method_label
     from mose_easyedit.hparams import HPARAMS_ROOT
 
     cfg = compose_config([f"data_dir={shared_data}", "method=MOSE-input"])
     assert method_label(cfg) == "MOSE-input" and cfg.output_dir == "runs/MOSE-input-smollm2-135m-counterfact-n100-b1-s0"
-    assert hparams_path(cfg) == HPARAMS_ROOT / "MOSE" / "smollm2-135m-input.yaml"
+    assert hparams_path(cfg) == HPARAMS_ROOT / "MOSE-input" / "smollm2-135m.yaml"
     hp = build_hparams(cfg)
-    assert (hp.rotation_side, hp.input_subspace, hp.early_stop_on, hp.undo_history) == (
-        "input", "null_c", "most_probable", 0)
-    assert build_hparams(compose_config([f"data_dir={shared_data}"])).rotation_side == "output"
+    assert (type(hp).__name__, hp.input_subspace, hp.early_stop_on, hp.undo_history) == (
+        "MOSEInputHyperParams", "null_c", "most_probable", 0)
+    assert type(build_hparams(compose_config([f"data_dir={shared_data}"]))).__name__ == "MOSEHyperParams"
     renamed = compose_config([f"data_dir={shared_data}", "method=AlphaEdit", "label=AlphaEdit-mp"])
     assert method_label(renamed) == "AlphaEdit-mp" and renamed.output_dir.startswith("runs/AlphaEdit-mp-smollm2")
-    with pytest.raises(ExperimentError, match=r"MOSE/llama3-8b-input\.yaml does not exist"):
-        build_hparams(compose_config([f"data_dir={shared_data}", "method=MOSE-input", "model=llama3-8b"]))
+    with pytest.raises(ExperimentError, match=r"MOSE-input/gpt2-xl\.yaml does not exist"):
+        build_hparams(compose_config([f"data_dir={shared_data}", "method=MOSE-input", "model=llama3-8b",
+                                      "model.id=gpt2-xl"]))
 
     summary = {"method": "MOSE", "label": "MOSE-input", "model": "m", "data": "d", "num_edits": 1, "batch_size": 1,
                "metrics": {"reliability": 0.5}, "time": {"sec_per_edit": 1.0}}
@@ -119,19 +120,16 @@ def test_method_variant_and_label_name_the_run_and_its_hyperparameters(shared_da
 def test_statistics_are_warmed_only_for_methods_that_read_them(tokenizer, shared_data, monkeypatch):
     """MOSE-OFT never reads C: its run must not sample a statistics corpus (minutes on a CPU); MEMIT's must."""
     from conftest import build_tiny_model, tiny_hparams
-    from mose_easyedit.experiments import runner
+    from mose_easyedit.experiments import setup
     from mose_easyedit.methods import MEMITHyperParams, MOSEOFTHyperParams
 
     calls = []
-    monkeypatch.setattr(runner, "second_moments", lambda model, tok, layers, hp: calls.append(list(layers)) or {})
+    monkeypatch.setattr(setup, "second_moments", lambda model, tok, layers, hp: calls.append(list(layers)) or {})
     for cls, expected in ((MOSEOFTHyperParams, []), (MEMITHyperParams, [[1, 2]])):
         calls.clear()
-        sequential = runner.SequentialRun(compose_config([f"data_dir={shared_data}"]))
-        sequential.model, sequential.tok = build_tiny_model("llama", len(tokenizer)), tokenizer
-        sequential.hparams = tiny_hparams(cls, "llama")
-        sequential._warm_caches()
+        originals = setup.warm_caches(build_tiny_model("llama", len(tokenizer)), tokenizer, tiny_hparams(cls, "llama"))
         assert calls == expected, cls.__name__
-        assert sorted(sequential.originals) == ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
+        assert sorted(originals) == ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
 
 
 def test_requests_from_configured_data(shared_data, tmp_path):
@@ -156,7 +154,7 @@ def test_requests_from_configured_data(shared_data, tmp_path):
 
 
 def test_default_data_dir_for_a_checkout_and_an_installed_package(tmp_path, monkeypatch):
-    from mose_easyedit.experiments import runner
+    from mose_easyedit.experiments import config as runner
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MOSE_EASYEDIT_DATA", "/somewhere/data")
@@ -180,7 +178,7 @@ def test_default_data_dir_for_a_checkout_and_an_installed_package(tmp_path, monk
     cfg = runner.compose_config(["num_edits=1"])
     assert cfg.data_dir == "data"
     with pytest.raises(runner.ExperimentError, match="counterfact-edit.json.*no such file.*EasyEdit's data release"):
-        runner.load_requests(cfg)
+        load_requests(cfg)
 
 
 def test_a_folder_without_edits_takes_a_corrected_configuration(tmp_path):
@@ -471,7 +469,7 @@ def test_compare_writes_table_and_plots(reference_run, tmp_path):
 def test_general_scores_before_editing_are_shared_between_runs(reference_run, shared_data, tmp_path, monkeypatch):
     """A second run on the same unedited weights, tasks and subset reads the "before" scores from the cache and
     evaluates the general tasks only after editing; changing one weight changes the cache key."""
-    from mose_easyedit.experiments import runner
+    from mose_easyedit.experiments import measure as runner
 
     _, reference, _ = reference_run
     calls = []

@@ -6,13 +6,15 @@ import math
 
 import pytest
 import torch
-from conftest import REQUESTS, assert_bit_identical, build_tiny_model, snapshot, target_logprob, tiny_hparams
+from conftest import REQUESTS, build_tiny_model, snapshot, target_logprob, tiny_hparams
 
 import mose_easyedit as me
 from mose_easyedit.input_rotation import (Reader, aimed_null_plane, aimed_plane, low_variance_direction, minus_span,
                                           orthonormal_columns, plane_rotate, plane_rotation_matrix, project_to_reach,
                                           project_to_spheres)
-from mose_easyedit.methods.mose import MOSEHyperParams, apply_mose_to_model, undo_mose_edits
+from mose_easyedit.methods.mose import MOSEHyperParams, apply_mose_to_model
+from mose_easyedit.methods.mose_input import MOSEInputHyperParams, apply_mose_input_to_model
+from mose_easyedit.methods.mose_shared import undo_mose_edits
 from mose_easyedit.modeling import read_weight
 from mose_easyedit.session import get_session
 
@@ -80,8 +82,18 @@ def test_aimed_plane_with_a_reading_orthogonal_to_the_key_meets_a_reachable_requ
     new = plane_rotate(W, plane.a, plane.b, plane.t)
     torch.testing.assert_close(new @ k - W @ k, r, rtol=0, atol=1e-6 * float(r.norm()))
     assert abs(float(plane.b @ k)) < 1e-9
-    # the smallest exact angle: a slightly smaller turn in the best plane cannot meet r
-    assert plane.t > 0
+    # the smallest exact angle over every allowed plane: at angle t, r is met by some unit b in the reading
+    # subspace iff the least-norm solution of W b = (r/α + (1 − cos t) W a) / sin t there has norm ≤ 1
+    B = orthonormal_columns(reading(torch.eye(20, dtype=torch.float64)))
+    alpha = float(a @ k)
+
+    def least_norm(t):
+        wanted = (r / alpha + (1 - math.cos(t)) * (W @ a)) / math.sin(t)
+        return float((torch.linalg.pinv(W @ B) @ wanted).norm())
+
+    assert 0 < plane.t < math.pi / 2
+    assert least_norm(plane.t) == pytest.approx(1.0, abs=1e-6)
+    assert least_norm(0.98 * plane.t) > 1.0 + 1e-4
 
 
 def test_aimed_plane_out_of_reach_moves_partway_and_never_away():
@@ -196,26 +208,26 @@ def test_projection_onto_the_input_reach_keeps_reachable_targets_and_shrinks_the
 @pytest.mark.parametrize("subspace,ridge", [("null_w", None), ("null_w", 1.0), ("null_c", None)])
 def test_input_side_edit_keeps_spectrum_protects_earlier_keys_and_undoes_exactly(tokenizer, subspace, ridge):
     model = build_tiny_model("llama", len(tokenizer))
-    hp = tiny_hparams(MOSEHyperParams, "llama", rotation_side="input", input_subspace=subspace, input_a_ridge=ridge,
+    hp = tiny_hparams(MOSEInputHyperParams, "llama", input_subspace=subspace, input_a_ridge=ridge,
                       layer_selection=False, layers=[1, 2], nullspace_threshold=1e3, v_lr=0.5,
                       protect_reading=True)
     original = snapshot(model)
     modules = [hp.rewrite_module_tmp.format(layer) for layer in (1, 2)]
     singular = {m: torch.linalg.svdvals(read_weight(model, m).double()) for m in modules}
     before = target_logprob(model, tokenizer, REQUESTS[0]["prompt"], "English")
-    apply_mose_to_model(model, tokenizer, [REQUESTS[0]], hp)
+    apply_mose_input_to_model(model, tokenizer, [REQUESTS[0]], hp)
     assert target_logprob(model, tokenizer, REQUESTS[0]["prompt"], "English") > before + 0.25
-    entry = me.edit_history(model)[-1]
+    entry = me.edit_history(model, "MOSE-input")[-1]
     for layer in (1, 2):
         diag = entry["per_layer"][layer]
         assert set(diag) >= {"rho", "fit_error", "angle", "alpha_over_k", "reachable"}
     after_first = snapshot(model)
-    apply_mose_to_model(model, tokenizer, [REQUESTS[1]], hp)
+    apply_mose_input_to_model(model, tokenizer, [REQUESTS[1]], hp)
     for m in modules:
         torch.testing.assert_close(torch.linalg.svdvals(read_weight(model, m).double()), singular[m],
                                    rtol=1e-5, atol=1e-6)
-    session = get_session(model, "MOSE", create=False)
-    keys = session.state["protected_keys"]
+    session = get_session(model, "MOSE-input", create=False)
+    keys = session.state.protected_keys
     for m in modules:  # the second edit's planes are ⊥ the first edit's keys: their outputs stay
         first_key = keys[m][:, :1].double()
         torch.testing.assert_close(read_weight(model, m).double() @ first_key,
@@ -225,19 +237,24 @@ def test_input_side_edit_keeps_spectrum_protects_earlier_keys_and_undoes_exactly
         torch.testing.assert_close(p, original[name], rtol=0, atol=1e-5)
 
 
-def test_input_side_bad_request_leaves_the_model_bit_identical(tokenizer):
-    model = build_tiny_model("llama", len(tokenizer))
-    hp = tiny_hparams(MOSEHyperParams, "llama", rotation_side="input", target_reach="rotation",
-                      layer_selection=False, layers=[1, 2])
-    apply_mose_to_model(model, tokenizer, [REQUESTS[0]], hp)
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="'subject'"):
-        apply_mose_to_model(model, tokenizer, [dict(REQUESTS[1], subject="Big Ben")], hp)
-    assert_bit_identical(model, before)
+def test_a_file_with_the_side_switch_loads_and_edits_as_mose_input(tokenizer):
+    """The earlier form (alg_name MOSE, rotation_side: input) is MOSE-input: same hyperparameters, same edit."""
+    legacy = MOSEHyperParams.from_hparams("smollm2-135m-input")
+    assert isinstance(legacy, MOSEInputHyperParams) and legacy == MOSEInputHyperParams.from_hparams("smollm2-135m")
+    hp = tiny_hparams(MOSEHyperParams, "llama", rotation_side="input", layer_selection=False, layers=[1, 2])
+    assert isinstance(hp, MOSEInputHyperParams)
+    first, second = build_tiny_model("llama", len(tokenizer)), build_tiny_model("llama", len(tokenizer))
+    apply_mose_to_model(first, tokenizer, [REQUESTS[0]], hp)
+    apply_mose_input_to_model(second, tokenizer, [REQUESTS[0]], hp)
+    assert len(me.edit_history(first, "MOSE-input")) == 1
+    for name, value in second.named_parameters():
+        assert torch.equal(first.get_parameter(name), value), name
 
 
 def test_new_options_are_checked_by_name(tokenizer):
-    for key, value in (("rotation_side", "left"), ("input_subspace", "null"), ("input_spread", "all"),
-                       ("target_reach", "yes"), ("input_a_ridge", -1.0)):
+    with pytest.raises(ValueError, match="rotation_side"):
+        tiny_hparams(MOSEHyperParams, "llama", rotation_side="left")
+    for key, value in (("input_subspace", "null"), ("input_spread", "all"), ("target_reach", "yes"),
+                       ("input_a_ridge", -1.0)):
         with pytest.raises(ValueError, match=key):
-            tiny_hparams(MOSEHyperParams, "llama", **{key: value})
+            tiny_hparams(MOSEInputHyperParams, "llama", **{key: value})

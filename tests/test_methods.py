@@ -18,18 +18,17 @@ from conftest import (FAMILIES, assert_bit_identical, build_tiny_model, embedded
                       tiny_hparams)
 
 import mose_easyedit as me
-from mose_easyedit.editor import EditContext
+from mose_easyedit.editor import EditContext, Update
 from mose_easyedit.evaluation import target_nll, token_accuracy
 from mose_easyedit.hparams import EASYEDIT_OWN_METHODS
 from mose_easyedit.methods import METHODS
-from mose_easyedit.methods.alphaedit import ALPHAEDIT_METHOD, INVERSE_CACHE, MOMENT_STATE, AlphaEdit, null_space
+from mose_easyedit.methods.alphaedit import ALPHAEDIT_METHOD, AlphaEdit
 from mose_easyedit.methods.emmet import EMMET_METHOD
 from mose_easyedit.methods.memit import MEMIT, MEMIT_METHOD
-from mose_easyedit.methods.prune import PRUNE, PRUNE_METHOD, TRACKED_STATE
+from mose_easyedit.methods.prune import PRUNE, PRUNE_METHOD
 from mose_easyedit.methods.rect import RECT_METHOD
 from mose_easyedit.methods.rome import ROME_METHOD
 from mose_easyedit.requests import validate_requests
-from mose_easyedit.keys import model_cache
 from mose_easyedit.rules import (alphaedit_delta, alphaedit_inverse, null_space_projector, prune_restrain,
                                  rect_kept_count)
 from mose_easyedit.session import EditSession, get_session
@@ -54,6 +53,7 @@ TINY = {
     "RECT": dict(mom2_update_weight=1.0),
     "PRUNE": dict(mom2_update_weight=1.0),
     "AlphaEdit": dict(nullspace_threshold=0.05, L2=1.0),
+    "MOSE-input": dict(layer_selection=False, layers=[1, 2]),
 }
 MODEL_LAYERS = {"llama3-8b": 32, "qwen2.5-7b": 28, "llama2-13b": 40, "smollm2-135m": 30}
 
@@ -91,14 +91,43 @@ def assert_same_state(actual, expected, where: str = "state") -> None:
         assert actual == expected, where
 
 
-MATRIX = [pytest.param(name, family, id=f"{name}-{family}") for name in METHODS for family in FAMILIES]
+# the contract runs every registered method on a tiny LLaMA and a tiny GPT-2 (Conv1D weights stored (in, out))
+CONTRACT_FAMILIES = ("llama", "gpt2")
+MATRIX = [pytest.param(name, family, id=f"{name}-{family}") for name in METHODS for family in CONTRACT_FAMILIES]
+ROTATIONS = ("MOSE", "MOSE-input", "MOSE-OFT")  # methods that must keep every singular value
+
+
+class SpyWrites:
+    """Record every weight the engine writes (``editor.write_weight``) while active; with ``fail_at`` the write of
+    that number raises instead."""
+
+    def __init__(self, calls: list, fail_at: int | None = None):
+        self.calls, self.fail_at = calls, fail_at
+
+    def __enter__(self):
+        import mose_easyedit.editor as editor
+
+        self.editor, self.original = editor, editor.write_weight
+
+        def write(model, module, value):
+            self.calls.append(module)
+            if self.fail_at is not None and len(self.calls) == self.fail_at:
+                raise RuntimeError("injected failure")
+            return self.original(model, module, value)
+
+        editor.write_weight = write
+        return self
+
+    def __exit__(self, *exc):
+        self.editor.write_weight = self.original
+        return False
 
 
 # -------------------------------------------------------------------------------------- the shared contract
 @pytest.mark.parametrize("name, family", MATRIX)
 def test_edit_weights_copy_and_malformed_request(tokenizer, name, family):
-    """An edit raises the target's likelihood; a malformed request changes nothing; ``weights_copy`` restores
-    the model bit for bit and ends the run."""
+    """An edit raises the target's likelihood; a malformed request is refused before any weight is written and
+    changes nothing; ``weights_copy`` restores the model bit for bit and ends the run."""
     spec = METHODS[name]
     model = build_tiny_model(family, len(tokenizer))
     hp = hparams(name, family)
@@ -112,18 +141,39 @@ def test_edit_weights_copy_and_malformed_request(tokenizer, name, family):
 
     edited = snapshot(model)
     session = get_session(model, name)
-    state = copy.deepcopy(session.state)
-    num_edits, history = session.num_edits, len(session.history)
-    with pytest.raises(ValueError, match="'subject'"):
+    state, num_edits, history = session.state, session.num_edits, len(session.history)
+    writes = []
+    with SpyWrites(writes), pytest.raises(ValueError, match="'subject'"):
         spec.apply(model, tokenizer, [REQUESTS[1], dict(REQUESTS[2], subject="Big Ben")], hp)
+    assert writes == []
     assert_bit_identical(model, edited)
-    assert get_session(model, name) is session
+    assert get_session(model, name) is session and session.state is state
     assert (session.num_edits, len(session.history)) == (num_edits, history)
-    assert_same_state(session.state, state)
 
     load(model, weights_copy)
     assert_bit_identical(model, original)
     assert get_session(model, name, create=False) is None
+
+
+@pytest.mark.parametrize("name, family", MATRIX)
+def test_failure_inside_the_update_restores_weights_and_carried_state(tokenizer, name, family):
+    """A failure after validation, once a weight has been written, restores every weight bit for bit and leaves
+    the session's carried state, edit count and history as they were."""
+    spec = METHODS[name]
+    model = build_tiny_model(family, len(tokenizer))
+    hp = hparams(name, family)
+    spec.apply(model, tokenizer, [REQUESTS[0]], hp)
+    session = get_session(model, name)
+    state, saved = session.state, copy.deepcopy(session.state)
+    before = snapshot(model)
+    writes = []
+    with SpyWrites(writes, fail_at=2), pytest.raises(RuntimeError, match="injected failure"):
+        spec.apply(model, tokenizer, REQUESTS[1:], hp)
+    assert len(writes) == 2  # the first write went through, the second failed
+    assert_bit_identical(model, before)
+    assert get_session(model, name) is session and session.num_edits == 1 and len(session.history) == 1
+    assert session.state is state
+    assert_same_state(session.state, saved)
 
 
 @pytest.mark.parametrize("name, family", MATRIX)
@@ -145,34 +195,23 @@ def test_independent_runs_do_not_share_state(tokenizer, name, family):
         assert torch.equal(first.get_parameter(parameter_name), value), parameter_name
 
 
+@pytest.mark.parametrize("name, family", [p for p in MATRIX if p.values[0] in ROTATIONS])
+def test_rotation_methods_keep_every_singular_value(tokenizer, name, family):
+    """In float64, two sequential edits leave every singular value of every edited weight unchanged to 1e-9."""
+    spec = METHODS[name]
+    model = build_tiny_model(family, len(tokenizer)).double()
+    hp = hparams(name, family)
+    original = snapshot(model)
+    for request in REQUESTS[:2]:
+        spec.apply(model, tokenizer, [request], hp)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, original[n])]
+    assert changed
+    for parameter_name in changed:
+        torch.testing.assert_close(torch.linalg.svdvals(model.get_parameter(parameter_name).detach()),
+                                   torch.linalg.svdvals(original[parameter_name]), rtol=1e-9, atol=0)
+
+
 # -------------------------------------------------------------------------------------------- the baselines
-@pytest.mark.parametrize("name", list(BASELINES))
-def test_failure_mid_edit_rolls_back_weights_and_carried_state(tokenizer, monkeypatch, name):
-    method = BASELINES[name]
-    model = build_tiny_model("llama", len(tokenizer))
-    hp = hparams(name, "llama")
-    method.apply(model, tokenizer, [REQUESTS[0]], hp)
-    session = get_session(model, name)
-    state = copy.deepcopy(session.state)
-    before = snapshot(model)
-    calls = {"n": 0}
-    rule = type(method).rule
-
-    def failing_rule(self, ctx, batch):
-        calls["n"] += 1
-        if calls["n"] == 2:  # after one layer (ROME: one request) has been written
-            raise RuntimeError("solver failed")
-        return rule(self, ctx, batch)
-
-    monkeypatch.setattr(type(method), "rule", failing_rule)
-    with pytest.raises(RuntimeError, match="solver failed"):
-        method.apply(model, tokenizer, REQUESTS[1:], hp)
-    assert calls["n"] == 2
-    assert_bit_identical(model, before)
-    assert get_session(model, name) is session and session.num_edits == 1
-    assert_same_state(session.state, state)
-
-
 def test_alphaedit_moment_grows_by_batch_keys_and_resets_with_a_new_run(tokenizer):
     model = build_tiny_model("llama", len(tokenizer))
     hp = hparams("AlphaEdit", "llama")
@@ -184,7 +223,7 @@ def test_alphaedit_moment_grows_by_batch_keys_and_resets_with_a_new_run(tokenize
         return ctx.keys(hp.layers)[0]
 
     def moments():
-        return get_session(model, "AlphaEdit").state[MOMENT_STATE]
+        return get_session(model, "AlphaEdit").state.moments
 
     def assert_moment(expected):
         for layer in hp.layers:
@@ -225,22 +264,21 @@ def test_alphaedit_carried_inverse_edits_as_the_direct_solve(tokenizer, monkeypa
     direct = copy.deepcopy(model)
     for request in REQUESTS:
         ALPHAEDIT_METHOD.apply(model, tokenizer, [request], hp)
-    session = get_session(model, "AlphaEdit")
+    state = get_session(model, "AlphaEdit").state
     for layer in hp.layers:
         module = hp.rewrite_module_tmp.format(layer)
-        prior, P, l2, inverse = model_cache(model)[(INVERSE_CACHE, module)]
-        assert prior is session.state[MOMENT_STATE][module]
-        expected = alphaedit_inverse(prior.double(), P, l2)  # the carried K_p K_pᵀ is rounded to mom2_dtype
-        assert float((inverse - expected).norm()) < 1e-5 * float(expected.norm())
+        carried = state.inverses[module]
+        # the carried K_p K_pᵀ is rounded to mom2_dtype
+        expected = alphaedit_inverse(state.moments[module].double(), carried.P, carried.l2)
+        assert float((carried.inverse - expected).norm()) < 1e-5 * float(expected.norm())
 
-    def direct_rule(self, ctx, batch):
-        P, _ = null_space(ctx, batch.layer, batch.W.device)
-        prior = ctx.session.state.get(MOMENT_STATE, {}).get(batch.module)
-        prior = torch.zeros_like(P) if prior is None else prior
-        return batch.W + alphaedit_delta(batch.residual, batch.K, P, prior, ctx.hparams.L2,
-                                         compute_dtype=torch.float64)
+    def direct_rule(batch, ops, state, hp):
+        prior = state.moments.get(batch.module)
+        prior = torch.zeros_like(ops.P) if prior is None else prior
+        delta = alphaedit_delta(batch.residual, batch.K, ops.P, prior, hp.L2, compute_dtype=torch.float64)
+        return Update(batch.W + delta, state, {})
 
-    monkeypatch.setattr(AlphaEdit, "rule", direct_rule)
+    monkeypatch.setattr(AlphaEdit, "rule", staticmethod(direct_rule))
     for request in REQUESTS:
         ALPHAEDIT_METHOD.apply(direct, tokenizer, [request], hp)
     for layer in hp.layers:
@@ -255,22 +293,21 @@ def test_prune_model_holds_restrained_change_and_edits_continue_from_raw(tokeniz
     hp = hparams("PRUNE", "llama")
     original = snapshot(model)
     PRUNE_METHOD.apply(model, tokenizer, [REQUESTS[0]], hp)
-    raw_first = {module: entry.raw.clone() for module, entry in
-                 get_session(model, "PRUNE").state[TRACKED_STATE].items()}
+    raw_first = {module: entry.raw.clone() for module, entry in get_session(model, "PRUNE").state.tracked.items()}
     seen = {}
     memit_rule = MEMIT.rule
 
-    def spying_rule(self, ctx, batch):
+    def spying_rule(batch, ops, state, hp):
         seen[batch.module] = batch.W.clone()
-        return memit_rule(self, ctx, batch)
+        return memit_rule(batch, ops, state, hp)
 
-    monkeypatch.setattr(PRUNE, "rule", spying_rule)
+    monkeypatch.setattr(PRUNE, "rule", staticmethod(spying_rule))
     PRUNE_METHOD.apply(model, tokenizer, [REQUESTS[1]], hp)
     assert set(seen) == set(raw_first)
     for module, W in seen.items():  # the second edit started from the unrestrained weights
         assert torch.equal(W, raw_first[module].double())
 
-    tracked = get_session(model, "PRUNE").state[TRACKED_STATE]
+    tracked = get_session(model, "PRUNE").state.tracked
     report = me.edit_history(model, "PRUNE")[-1]["restraint"]
     for layer in hp.layers:
         module = hp.rewrite_module_tmp.format(layer)

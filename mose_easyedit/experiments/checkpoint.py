@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from ..keys import model_cache
+from ..cache import model_cache
 from ..session import SESSIONS_ATTRIBUTE
 
 logger = logging.getLogger(__name__)

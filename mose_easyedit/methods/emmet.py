@@ -1,8 +1,8 @@
 """EMMET (Gupta et al. 2024): MEMIT's objective with the edit as an equality constraint.
 
-At each layer of the window: min tr(ΔW C ΔWᵀ) subject to (W + ΔW) K = W K + R, relaxed by a ridge,
+At each layer of the window: min tr(ΔW C ΔWᵀ) subject to (W + ΔW) K = W K + Rsd, relaxed by a ridge,
 
-    ΔW = R (Kᵀ C⁻¹ K + ridge·I)⁻¹ Kᵀ C⁻¹                                     (docs/methods.md §5)
+    ΔW = Rsd (Kᵀ C⁻¹ K + ridge·I)⁻¹ Kᵀ C⁻¹                                     (docs/methods.md §5)
 
 (:func:`mose_easyedit.rules.emmet_delta`, float64 solves). EMMET's two constants, the scale λ_m of C
 (``mom2_update_weight`` in its configs) and λ_e, only enter as their product ridge = λ_m·λ_e, so this class
@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 
-from ..editor import EditContext, LayerBatch
+from ..editor import LayerBatch, Operands, Update
 from ..hparams import LocateEditHyperParams
 from ..rules import emmet_delta
-from .memit import MEMIT, covariance, covariance_factor, record_update
+from .memit import MEMIT, additive_diagnostics
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -37,28 +36,28 @@ class EMMETHyperParams(LocateEditHyperParams):
             raise ValueError(f"{source}: key 'emmet_ridge' must be >= 0, got {self.emmet_ridge}")
 
 
+def emmet_rule(batch: LayerBatch, ops: Operands, state, hp: EMMETHyperParams) -> Update:
+    """ΔW = Rsd (Kᵀ C⁻¹ K + ridge·I)⁻¹ Kᵀ C⁻¹, W ← W + ΔW."""
+    delta = emmet_delta(batch.residual.to(ops.C.device), batch.K.to(ops.C.device), ops.C, hp.emmet_ridge,
+                        factor=ops.C_factor)
+    return Update(batch.W + delta, state, additive_diagnostics(batch, delta))
+
+
 class EMMET(MEMIT):
     name = "EMMET"
     hparams_class = EMMETHyperParams
-
-    def rule(self, ctx: EditContext, batch: LayerBatch) -> torch.Tensor:
-        C = covariance(ctx, batch)
-        delta = emmet_delta(batch.residual.to(C.device), batch.K.to(C.device), C, ctx.hparams.emmet_ridge,
-                            factor=covariance_factor(ctx, batch, C))
-        record_update(ctx, batch, delta)
-        return batch.W + delta
+    rule = staticmethod(emmet_rule)
 
 
 EMMET_METHOD = EMMET()
 
 
 def apply_emmet_to_model(model, tok, requests, hparams: EMMETHyperParams, copy: bool = False,
-                         return_orig_weights: bool = False, keep_original_weight: bool = False, **kwargs):
+                         return_orig_weights: bool = False, **kwargs):
     """Edit ``model`` in place with EMMET; EasyEdit's contract: returns ``(model, weights_copy)``.
 
     Unlike EasyEdit's EMMET, ``weights_copy`` holds the original weights whenever ``return_orig_weights`` is
     true, so a non-sequential EasyEdit run restores them. Diagnostics go to ``edit_history(model, "EMMET")``.
     """
     return EMMET_METHOD.apply(model, tok, requests, hparams, copy=copy,
-                              return_orig_weights=return_orig_weights,
-                              keep_original_weight=keep_original_weight, **kwargs)
+                              return_orig_weights=return_orig_weights, **kwargs)

@@ -393,7 +393,7 @@ MOSE_OFT_METHOD = MOSEOFT()
 
 
 def apply_mose_oft_to_model(model, tok, requests, hparams: MOSEOFTHyperParams, copy: bool = False,
-                            return_orig_weights: bool = False, keep_original_weight: bool = False, **kwargs):
+                            return_orig_weights: bool = False, **kwargs):
     """Edit ``model`` in place with MOSE-OFT; EasyEdit's contract: returns ``(model, weights_copy)``.
 
     ``requests``: EasyEdit request dicts (``prompt``, ``subject``, ``target_new``; others ignored). All requests of
@@ -401,4 +401,4 @@ def apply_mose_oft_to_model(model, tok, requests, hparams: MOSEOFTHyperParams, c
     relative weight change, seconds per stage) go to ``edit_history(model, "MOSE-OFT")``.
     """
     return MOSE_OFT_METHOD.apply(model, tok, requests, hparams, copy=copy, return_orig_weights=return_orig_weights,
-                                 keep_original_weight=keep_original_weight, **kwargs)
+                                 **kwargs)

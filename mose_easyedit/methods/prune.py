@@ -22,7 +22,6 @@ from ..modeling import get_module, is_conv1d, read_weight
 from ..rules import prune_restrain
 from .memit import MEMIT, require_update_weight
 
-TRACKED_STATE = "prune_layers"  # session.state[TRACKED_STATE][module] = TrackedLayer
 LOGARITHMS = {"ln": math.log, "log2": math.log2, "log10": math.log10}
 
 
@@ -53,6 +52,13 @@ class TrackedLayer:
     raw: torch.Tensor
 
 
+@dataclasses.dataclass(frozen=True)
+class PRUNEState:
+    """A PRUNE run's carried state: ``{module: TrackedLayer}`` for every layer the run has edited."""
+
+    tracked: dict = dataclasses.field(default_factory=dict)
+
+
 def singular_values(matrix: torch.Tensor) -> torch.Tensor:
     """Singular values of a float64 matrix from the eigenvalues of its smaller Gram matrix (cheaper than an
     SVD of the d×p matrix; accurate enough to compare with σ̄)."""
@@ -63,16 +69,17 @@ def singular_values(matrix: torch.Tensor) -> torch.Tensor:
 class PRUNE(MEMIT):
     name = "PRUNE"
     hparams_class = PRUNEHyperParams
+    state_class = PRUNEState
 
     def edit(self, ctx: EditContext) -> None:
-        for entry in ctx.session.state.get(TRACKED_STATE, {}).values():
+        for entry in ctx.state.tracked.values():
             ctx.write(entry.layer, entry.raw)  # continue from the unrestrained weights
         super().edit(ctx)
 
-    def finish(self, ctx: EditContext) -> None:
-        """Restrain W_raw − W₀ of every layer of the run; keep W_raw (and W₀ of new layers) on success."""
+    def finish(self, ctx: EditContext, state: PRUNEState) -> PRUNEState:
+        """Restrain W_raw − W₀ of every layer of the run; carry W_raw (and W₀ of new layers)."""
         hp = ctx.hparams
-        tracked = ctx.session.state.get(TRACKED_STATE, {})
+        tracked = state.tracked
         window = {ctx.module(layer): layer for layer in hp.layers}
         updated, report = {}, {}
         for module, before in ctx.backup.items():
@@ -92,15 +99,14 @@ class PRUNE(MEMIT):
             report[entry.layer] = {"sigma_max_original": entry.sigma_max,
                                    "sigma_max_change": float(sigmas.max()), "restrained": restrained}
         ctx.diagnostics["restraint"] = report
-        state = ctx.session.state
-        ctx.commits.append(lambda: state.setdefault(TRACKED_STATE, {}).update(updated))
+        return PRUNEState({**tracked, **updated})
 
 
 PRUNE_METHOD = PRUNE()
 
 
 def apply_prune_to_model(model, tok, requests, hparams: PRUNEHyperParams, copy: bool = False,
-                         return_orig_weights: bool = False, keep_original_weight: bool = False, **kwargs):
+                         return_orig_weights: bool = False, **kwargs):
     """Edit ``model`` in place with PRUNE (MEMIT base); EasyEdit's contract: ``(model, weights_copy)``.
 
     ``weights_copy`` holds the weights before this call (restrained ones in a sequential run), so restoring it
@@ -109,5 +115,4 @@ def apply_prune_to_model(model, tok, requests, hparams: PRUNEHyperParams, copy: 
     ``edit_history(model, "PRUNE")``.
     """
     return PRUNE_METHOD.apply(model, tok, requests, hparams, copy=copy,
-                              return_orig_weights=return_orig_weights,
-                              keep_original_weight=keep_original_weight, **kwargs)
+                              return_orig_weights=return_orig_weights, **kwargs)

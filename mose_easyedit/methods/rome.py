@@ -16,7 +16,7 @@ import dataclasses
 
 import torch
 
-from ..editor import EditContext, LayerBatch, Method, spread_update
+from ..editor import EditContext, LayerBatch, Method, Operands, Update, spread_update
 from ..hparams import LocateEditHyperParams
 from ..modeling import num_layers
 from ..rules import rome_delta
@@ -35,6 +35,21 @@ class ROMEHyperParams(LocateEditHyperParams):
                              f"got {self.layers}")
 
 
+def rome_rule(batch: LayerBatch, ops: Operands, state, hp: ROMEHyperParams) -> Update:
+    """ΔW = (v* − W k*) uᵀ / (uᵀ k*), u = C⁻¹ k̄ (or k̄ without C), v* = W k* + residual; W ← W + ΔW."""
+    W = batch.W
+    k_star = batch.K_bare[:, 0].to(W.device)
+    k_mean = batch.K[:, 0].to(W.device)
+    v_star = W @ k_star + batch.residual[:, 0].to(W.device)
+    delta = rome_delta(W, k_star, k_mean, v_star, ops.C)
+    return Update(W + delta, state, {
+        "update_norm": float(delta.norm()),
+        "relative_update": float(delta.norm() / W.norm()),
+        "residual_norm": float(batch.residual.norm()),
+        "key_gap": float((k_star - k_mean).norm() / k_star.norm()),
+    })
+
+
 class ROME(Method):
     name = "ROME"
     hparams_class = ROMEHyperParams
@@ -46,22 +61,15 @@ class ROME(Method):
             ctx.second_moments([layer])
         return [layer]
 
-    def rule(self, ctx: EditContext, batch: LayerBatch) -> torch.Tensor:
-        W = batch.W
-        k_star = batch.K_bare[:, 0].to(W.device)
-        k_mean = batch.K[:, 0].to(W.device)
-        v_star = W @ k_star + batch.residual[:, 0].to(W.device)
-        C = None
-        if ctx.hparams.mom2_adjustment:
-            C = ctx.second_moments([batch.layer])[batch.layer].to(W.device)
-        delta = rome_delta(W, k_star, k_mean, v_star, C)
-        ctx.diagnostics.setdefault("per_request", []).append({
-            "update_norm": float(delta.norm()),
-            "relative_update": float(delta.norm() / W.norm()),
-            "residual_norm": float(batch.residual.norm()),
-            "key_gap": float((k_star - k_mean).norm() / k_star.norm()),
-        })
-        return W + delta
+    rule = staticmethod(rome_rule)
+
+    def operands(self, ctx: EditContext, layer: int, W: torch.Tensor) -> Operands:
+        if not ctx.hparams.mom2_adjustment:
+            return Operands()
+        return Operands(C=ctx.second_moments([layer])[layer].to(W.device))
+
+    def record(self, ctx: EditContext, batch: LayerBatch, diagnostics: dict) -> None:
+        ctx.diagnostics.setdefault("per_request", []).append(diagnostics)
 
     def edit(self, ctx: EditContext) -> None:
         (layer,) = self.window(ctx)
@@ -70,25 +78,25 @@ class ROME(Method):
                              f"later tokens, so the edited layer must be below {num_layers(ctx.model) - 1}")
         ctx.diagnostics.update(layers=[layer], target_loss=[], target_steps=[], delta_norm=[])
         for request in ctx.requests:
-            # a view of the same call (shared backup, timings, diagnostics, commits) holding one request
+            # a view of the same call (shared backup, timings, diagnostics) holding one request; ROME carries no
+            # state, so nothing needs to flow back from the view
             single = dataclasses.replace(ctx, requests=[request])
             target = single.targets(layer, self.clamp_reference)
             ctx.diagnostics["target_loss"] += target.losses
             ctx.diagnostics["target_steps"] += target.steps
             ctx.diagnostics["delta_norm"] += target.delta.norm(dim=0).tolist()
-            spread_update(single, [layer], self.rule, target)
+            spread_update(single, [layer], self, target)
 
 
 ROME_METHOD = ROME()
 
 
 def apply_rome_to_model(model, tok, requests, hparams: ROMEHyperParams, copy: bool = False,
-                        return_orig_weights: bool = False, keep_original_weight: bool = False, **kwargs):
+                        return_orig_weights: bool = False, **kwargs):
     """Edit ``model`` in place with ROME; EasyEdit's contract: returns ``(model, weights_copy)``.
 
     n requests are n rank-one edits of the same layer, applied in order within one atomic call. Diagnostics
     (‖ΔW‖ and the k*/k̄ gap per request) go to ``edit_history(model, "ROME")``.
     """
     return ROME_METHOD.apply(model, tok, requests, hparams, copy=copy,
-                             return_orig_weights=return_orig_weights,
-                             keep_original_weight=keep_original_weight, **kwargs)
+                             return_orig_weights=return_orig_weights, **kwargs)
