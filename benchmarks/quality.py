@@ -56,7 +56,8 @@ logger = logging.getLogger("benchmarks.quality")
 
 def method_config(label: str, model: str):
     """``(method name, hyperparameter file)`` of a method config of the experiments (``conf/method/<label>``)."""
-    from mose_easyedit.experiments.runner import CONF_DIR, hparams_path
+    from mose_easyedit.experiments.config import CONF_DIR
+    from mose_easyedit.experiments.setup import hparams_path
 
     path = CONF_DIR / "method" / f"{label}.yaml"
     if not path.is_file():

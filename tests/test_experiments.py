@@ -95,7 +95,7 @@ def test_method_variant_and_label_name_the_run_and_its_hyperparameters(shared_da
     """method=MOSE-input runs the registered MOSE-input with hparams/MOSE-input/<model>.yaml; label=... renames any
     run's row; a model without the method's file fails in one line naming the missing file."""
     from mose_easyedit.experiments.compare import comparison_table
-    from mose_easyedit.experiments.runner import hparams_path, method_label
+    from mose_easyedit.experiments.setup import hparams_path, method_label
     from mose_easyedit.hparams import HPARAMS_ROOT
 
     cfg = compose_config([f"data_dir={shared_data}", "method=MOSE-input"])
@@ -257,7 +257,7 @@ def test_checkpoint_files(tmp_path):
 
 def test_curve_points_by_default_and_stability_lines_that_start_where_a_layer_was_first_edited(shared_data):
     from mose_easyedit.experiments.plots import _stability_series
-    from mose_easyedit.experiments.runner import curve_every
+    from mose_easyedit.experiments.measure import curve_every
 
     def every(*overrides):
         return curve_every(compose_config([f"data_dir={shared_data}", *overrides]))
@@ -568,6 +568,6 @@ def test_recorded_increments_rebuild_the_edited_weights_and_feed_the_figure5_ana
 def load_model_for(run_dir: Path):
     from omegaconf import OmegaConf
 
-    from mose_easyedit.experiments.runner import load_model
+    from mose_easyedit.experiments.setup import load_model
 
     return load_model(OmegaConf.load(run_dir / "config.yaml").model)

@@ -57,3 +57,44 @@ def test_cache_identity_follows_the_weights_not_the_path(tokenizer):
     with torch.no_grad():  # an edit of an MLP projection keeps the model's caches
         edited.model.layers[1].mlp.down_proj.weight.mul_(-1)
     assert model_identity(edited) == model_identity(first)
+
+
+# ------------------------------------------------------------------------------------------------- structure
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", sorted(n for n in METHODS if n != "MOSE-OFT"))
+def test_every_update_rule_is_a_pure_function_of_its_operands(name):
+    """A rule sees the layer batch, its cached operands, the carried state and the hyperparameters, never the
+    model or the call's context (MOSE-OFT trains instead of solving and has no rule)."""
+    import inspect
+
+    from mose_easyedit.editor import EditContext, NoState
+
+    engine = METHODS[name].engine
+    parameters = list(inspect.signature(engine.rule).parameters)
+    assert parameters == ["batch", "ops", "state", "hp"], parameters
+    assert EditContext not in inspect.get_annotations(engine.rule, eval_str=True).values()
+    state = engine.state_class()
+    assert __import__("dataclasses").is_dataclass(state) and type(state).__dataclass_params__.frozen
+    assert isinstance(state, NoState) == (name in ("ROME", "MEMIT", "RECT", "EMMET"))
+
+
+def test_the_runner_is_the_loop_alone():
+    lines = (REPO / "mose_easyedit" / "experiments" / "runner.py").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 300
+
+
+def test_every_reference_to_the_methods_document_names_a_section_it_has():
+    """``docs/methods.md §N`` (or ``§N.M``) anywhere in the package, docs or README points at a heading there."""
+    import re
+
+    headings = set(re.findall(r"^#+ (\d+(?:\.\d+)?)\.? ", (REPO / "docs" / "methods.md").read_text(encoding="utf-8"),
+                              flags=re.M))
+    files = [*(REPO / "mose_easyedit").rglob("*.py"), *(REPO / "docs").glob("*.md"), REPO / "README.md"]
+    cited = set()
+    for path in files:
+        for match in re.finditer(r"methods\.md[`)]? ?§(\d+(?:\.\d+)?)(?:[–-](?:§)?(\d+(?:\.\d+)?))?",
+                                 path.read_text(encoding="utf-8")):
+            cited.update(section for section in match.groups() if section)
+    assert cited and cited <= headings, sorted(cited - headings)

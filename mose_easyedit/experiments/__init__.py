@@ -7,6 +7,8 @@ The configuration is a Hydra tree (``conf/``: ``config.yaml`` and the groups ``m
 :func:`run` executes (or resumes) one run and :func:`compose_config` builds a config from override strings.
 See ``docs/experiments.md``.
 """
-from .runner import ExperimentError, SequentialRun, build_hparams, compose_config, load_requests, run
+from .config import ExperimentError, compose_config
+from .runner import SequentialRun, run
+from .setup import build_hparams, load_requests
 
 __all__ = ["ExperimentError", "SequentialRun", "build_hparams", "compose_config", "load_requests", "run"]

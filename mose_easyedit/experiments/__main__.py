@@ -10,7 +10,8 @@ from omegaconf import DictConfig, open_dict
 
 from ..logs import setup_logging
 from .checkpoint import CorruptFileError
-from .runner import CONF_DIR, ExperimentError, register_resolvers, run
+from .config import CONF_DIR, ExperimentError, register_resolvers
+from .runner import run
 
 logger = logging.getLogger("mose_easyedit.experiments")
 

@@ -199,7 +199,7 @@ def analyse(run_dir: Path, out: Path | None = None, permutations: int = 1000, pl
     ``figure5.png``) into ``out`` (default: the run directory) and returns the numbers."""
     from omegaconf import OmegaConf
 
-    from .runner import load_model, load_requests
+    from .setup import load_model, load_requests
 
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir

@@ -6,16 +6,13 @@
     ``general_every`` edits) curves → checkpoint → after the last edit: reliability / generalization / locality of
     EVERY edited fact (retention), general abilities → ``results.jsonl``, ``summary.json``, plots.
 
-The run directory (``output_dir``) holds:
-
-* ``config.yaml`` (the resolved configuration) and ``hparams.yaml`` (the method's resolved hyperparameters);
-* ``results.jsonl``: one line per edit step (case ids, layers, seconds per stage, stability of every edited layer,
-  the method's per-layer diagnostics, curve / general evaluations when due) and, once complete, the retention
-  metrics of the step's facts after the last edit;
-* ``summary.json``: final metrics, general abilities before / after, curves, stability, time per edit;
-* ``metrics.png``, ``general.png``, ``stability.png`` (and ``diagnostics.png`` for methods that log ρ);
-* ``run.log``; while running also ``progress.json``, ``checkpoint.pt``, ``locality_reference.json`` and
-  ``final_partial.json``.
+This module is the loop; configuration (``config.py``), setup (``setup.py``), measurement (``measure.py``), the run
+folder's files (``rundir.py``) and the summary (``summary.py``) live beside it. The run directory (``output_dir``)
+holds ``config.yaml`` and ``hparams.yaml`` (the resolved settings), ``results.jsonl`` (one line per edit step: case
+ids, layers, seconds per stage, stability of every edited layer, the method's per-layer diagnostics, curve / general
+evaluations when due, and once complete the retention of the step's facts after the last edit), ``summary.json``
+(final metrics, general abilities before / after, curves, stability, time per edit), the plots and ``run.log``;
+while running also ``progress.json``, ``checkpoint.pt``, ``locality_reference.json`` and ``final_partial.json``.
 
 A killed run restarted with the same command continues from its last checkpoint and produces the same results
 as an uninterrupted run (see :mod:`.checkpoint`); a complete run re-invoked returns at once.
@@ -40,15 +37,13 @@ from ..evaluation import OriginalOutputs
 from ..modeling import read_weight
 from . import checkpoint as ckpt
 from . import measure
-from .config import (CONF_DIR, ExperimentError, check_config, check_general_data, compare_configs,  # noqa: F401
-                     compose_config, default_data_dir, general_enabled, register_resolvers)
+from .config import ExperimentError, check_config, check_general_data, compare_configs, general_enabled
 from .measure import crossed, curve_every
 from .plots import plot_run
-from .rundir import (CHECKPOINT_FILE, CONFIG_FILE, FINAL_PARTIAL_FILE, HPARAMS_FILE, LOG_FILE,  # noqa: F401
-                     RESULTS_FILE, SUMMARY_FILE, clean_up, completed_summary, final_partial, holds_edits, jsonable,
-                     locality_reference, requests_digest, weights_digest, write_progress)
-from .setup import (build_hparams, hparams_path, load_model, load_requests, method_label,  # noqa: F401
-                    spec_for, warm_caches)
+from .rundir import (CHECKPOINT_FILE, CONFIG_FILE, FINAL_PARTIAL_FILE, HPARAMS_FILE, LOG_FILE, RESULTS_FILE,
+                     SUMMARY_FILE, clean_up, completed_summary, final_partial, holds_edits, jsonable,
+                     locality_reference, requests_digest, write_progress)
+from .setup import build_hparams, hparams_path, load_model, load_requests, method_label, spec_for, warm_caches
 from .stability import method_layer_diagnostics, weight_stability
 from .summary import build_summary, final_evaluation
 

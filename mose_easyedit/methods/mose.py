@@ -1,4 +1,4 @@
-"""MOSE, the paper's output side (paper §5; docs/methods.md §8): W ← R W with R ∈ O(d) in closed form.
+"""MOSE, the paper's output side (paper §5; docs/methods.md §1.1–1.2): W ← R W with R ∈ O(d) in closed form.
 
 Per edit (or batch) the window is l* (Eq. 21–22, ``mose_shared.py``) and its neighbours, edited with MEMIT's
 residual spreading; at each layer

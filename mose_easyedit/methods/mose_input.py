@@ -1,4 +1,4 @@
-"""MOSE-input: MOSE's input side (docs/methods.md §9), W ← W Q with Q ∈ O(p) one plane rotation per edit key.
+"""MOSE-input: MOSE's input side (docs/methods.md §1.4), W ← W Q with Q ∈ O(p) one plane rotation per edit key.
 
 Each key k turns in a plane span{a, b} (``input_rotation.py``): a the direction of k's part inside the allowed
 subspace (AlphaEdit's null space of the generic keys, ``null_c``, or null(W), ``null_w``), b aimed so that the

@@ -3,7 +3,7 @@ window (paper Eq. 21–22), the carried state (keys of earlier edits, the output
 undo log) and undo.
 
 The two update rules live beside this module: the paper's output side ``W ← R W`` in ``mose.py`` and the input
-side ``W ← W Q`` in ``mose_input.py`` (docs/methods.md §8–§9).
+side ``W ← W Q`` in ``mose_input.py`` (docs/methods.md §1: layer selection §1.3, undo §1.6).
 """
 from __future__ import annotations
 
