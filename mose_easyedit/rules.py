@@ -79,6 +79,34 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
     return number
 
 
+DIMENSIONS = {"d": "the output size", "p": "the key size", "n": "the number of columns, one per key"}
+
+
+def _operands(**named) -> dict[str, int]:
+    """Check every operand of a public function at once against named dimensions and return their sizes:
+    ``_operands(W=(W, "d p"), K=(K, "p n"), V=(V, "d n"))``. Each operand (None: absent, skipped) must be a real
+    floating tensor with one letter per axis; a letter has one size across all operands (a letter repeated within
+    one operand makes it square); all operands share one device. Errors name the operand and the dimension."""
+    sizes: dict[str, tuple[int, str]] = {}
+    present = {}
+    for name, (value, dims) in named.items():
+        if value is None:
+            continue
+        letters = dims.split()
+        _check_tensor(name, value, len(letters))
+        if len(set(letters)) < len(letters) and len(set(value.shape)) > 1:
+            raise ValueError(f"{name} must be square, got shape {tuple(value.shape)}")
+        for letter, size in zip(letters, value.shape):
+            known = sizes.setdefault(letter, (size, name))
+            if known[0] != size:
+                expected = ", ".join(f"{x}={sizes[x][0]}" if x in sizes else x for x in letters)
+                raise ValueError(f"{name} must have shape ({expected}) ({letter}: {DIMENSIONS.get(letter, letter)}, "
+                                 f"{known[0]} as in {known[1]}), got {tuple(value.shape)}")
+        present[name] = value
+    _same_device(**present)
+    return {letter: size for letter, (size, _) in sizes.items()}
+
+
 def _max_abs(value: torch.Tensor) -> float:
     return float(value.abs().max()) if value.numel() else 0.0
 
@@ -159,17 +187,13 @@ def polar_factor_newton_schulz(M: torch.Tensor, init: torch.Tensor | None = None
     warning is logged and the SVD result is returned (iterations is then reported as ``max_iter``).
     All arithmetic is float64.
     """
-    M = _check_tensor("M", M, 2)
-    size = _check_square("M", M)
+    size = _operands(M=(M, "d d"), init=(init, "d d"))["d"]
     tol = _check_positive("tol", tol)
     if int(max_iter) < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter!r}")
-    _same_device(M=M, init=init)
     M = _float64(M)
     warm_rotation = None
     if init is not None:
-        init = _check_tensor("init", init, 2)
-        _check_shape("init", init, (size, size), "same shape as M")
         warm_rotation = _orthonormalise_init(_float64(init), tol, max_iter=10)
         target = warm_rotation.T @ M
     else:
@@ -210,8 +234,7 @@ def polar_factor(M: torch.Tensor, method: str = "svd", init: torch.Tensor | None
 
     Computed in float64 on M's device; returns float64.
     """
-    M = _check_tensor("M", M, 2)
-    _check_square("M", M)
+    _operands(M=(M, "d d"))
     if method not in POLAR_METHODS:
         raise ValueError(f"method must be one of {POLAR_METHODS}, got {method!r}")
     if method == "newton_schulz":
@@ -234,16 +257,10 @@ def preservation_moment(W: torch.Tensor, C: torch.Tensor, lam: float,
     It costs O(d·p²); after W ← R W it becomes R G Rᵀ (O(d³)), so a sequential caller may propagate it
     (see :func:`propagate_preservation_moment`) instead of rebuilding it every edit.
     """
-    W = _check_tensor("W", W, 2)
-    C = _check_tensor("C", C, 2)
-    _same_device(W=W, C=C, extra_moment=extra_moment)
+    _operands(W=(W, "d p"), C=(C, "p p"), extra_moment=(extra_moment, "p p"))
     lam = _check_positive("lam", lam)
-    in_dim = W.shape[1]
-    _check_shape("C", C, (in_dim, in_dim), "p×p key second moment, p = W.shape[1]")
     key_moment = lam * _float64(C)
     if extra_moment is not None:
-        extra_moment = _check_tensor("extra_moment", extra_moment, 2)
-        _check_shape("extra_moment", extra_moment, (in_dim, in_dim), "p×p accumulated key moment")
         key_moment = key_moment + _float64(extra_moment)
     W = _float64(W)
     return (W @ key_moment) @ W.T
@@ -253,9 +270,8 @@ def propagate_preservation_moment(G: torch.Tensor, R: torch.Tensor, new_outputs:
                                   weight: float = 0.0) -> torch.Tensor:
     """G after W ← R W: R G Rᵀ, plus ``weight``·(R W K)(R W K)ᵀ when the edit's keys join the protected moment
     (``new_outputs`` = R W K, d×n). Equals :func:`preservation_moment` of the new W up to rounding."""
-    G = _float64(_check_tensor("G", G, 2))
-    R = _float64(_check_tensor("R", R, 2))
-    _check_shape("R", R, tuple(G.shape), "d×d rotation")
+    _operands(G=(G, "d d"), R=(R, "d d"), new_outputs=(new_outputs, "d n"))
+    G, R = _float64(G), _float64(R)
     G = R @ G @ R.T
     if new_outputs is not None and weight > 0:
         outputs = _float64(new_outputs)
@@ -271,18 +287,9 @@ def procrustes_cross_moment(W: torch.Tensor, C: torch.Tensor, K: torch.Tensor, V
     This is B Aᵀ with A = [√lam W K₀, W K_E], B = [√lam W K₀, V_E]; its polar factor is the Procrustes
     rotation. ``preservation``, if given, is the already computed first term (:func:`preservation_moment`).
     """
-    W = _check_tensor("W", W, 2)
-    K = _check_tensor("K", K, 2)
-    V = _check_tensor("V", V, 2)
-    _same_device(W=W, K=K, V=V)
-    out_dim, in_dim = W.shape
-    if K.shape[0] != in_dim:
-        raise ValueError(f"K must have shape (p={in_dim}, n) with keys as columns, got {tuple(K.shape)}")
-    _check_shape("V", V, (out_dim, K.shape[1]), "d×n targets, one column per key")
+    _operands(W=(W, "d p"), K=(K, "p n"), V=(V, "d n"), preservation=(preservation, "d d"))
     if preservation is None:
         preservation = preservation_moment(W, C, lam, extra_moment)
-    else:
-        _check_shape("preservation", preservation, (out_dim, out_dim), "d×d preservation moment")
     outputs = _float64(W) @ _float64(K)
     return _float64(preservation) + _float64(V) @ outputs.T
 
@@ -299,8 +306,7 @@ def procrustes_rotation(W: torch.Tensor, C: torch.Tensor, K: torch.Tensor, V: to
     passed to :func:`polar_factor`. Returns float64.
     """
     cross_moment = procrustes_cross_moment(W, C, K, V, lam, extra_moment, preservation)
-    if init is not None:
-        _check_shape("init", init, tuple(cross_moment.shape), "d×d rotation")
+    _operands(M=(cross_moment, "d d"), init=(init, "d d"))
     return polar_factor(cross_moment, method=method, init=init)
 
 
@@ -314,8 +320,8 @@ def rotation_trust_region(R: torch.Tensor, max_distance: float) -> tuple[torch.T
     over the d eigenvalues of S. One symmetric eigendecomposition, float64. A plane turned by π (eigenvalue
     −1) has no unique geodesic; it is shortened as if turned by π − 1e-12.
     """
-    R = _float64(_check_tensor("R", R, 2))
-    _check_square("R", R)
+    _operands(R=(R, "d d"))
+    R = _float64(R)
     max_distance = _check_positive("max_distance", max_distance)
     distance = float(torch.linalg.norm(R - torch.eye(R.shape[0], dtype=R.dtype, device=R.device)))
     if distance <= max_distance:
@@ -351,16 +357,7 @@ def procrustes_diagnostics(W: torch.Tensor, K: torch.Tensor, V: torch.Tensor, R:
 
     A ratio whose denominator is zero is reported as nan.
     """
-    W = _check_tensor("W", W, 2)
-    K = _check_tensor("K", K, 2)
-    V = _check_tensor("V", V, 2)
-    R = _check_tensor("R", R, 2)
-    _same_device(W=W, K=K, V=V, R=R)
-    out_dim, in_dim = W.shape
-    if K.shape[0] != in_dim:
-        raise ValueError(f"K must have shape (p={in_dim}, n), got {tuple(K.shape)}")
-    _check_shape("V", V, (out_dim, K.shape[1]), "d×n targets")
-    _check_shape("R", R, (out_dim, out_dim), "d×d rotation")
+    out_dim = _operands(W=(W, "d p"), K=(K, "p n"), V=(V, "d n"), R=(R, "d d"))["d"]
     outputs = _float64(W) @ _float64(K)
     V = _float64(V)
     R = _float64(R)
@@ -383,18 +380,6 @@ def procrustes_diagnostics(W: torch.Tensor, K: torch.Tensor, V: torch.Tensor, R:
 # ----------------------------------------------------------------------------------------------------------
 # 3.–4. MEMIT and EMMET
 # ----------------------------------------------------------------------------------------------------------
-def _check_residual_and_keys(Rsd, K, C):
-    Rsd = _check_tensor("Rsd", Rsd, 2)
-    K = _check_tensor("K", K, 2)
-    C = _check_tensor("C", C, 2)
-    _same_device(Rsd=Rsd, K=K, C=C)
-    if Rsd.shape[1] != K.shape[1]:
-        raise ValueError(f"Rsd (d×n) and K (p×n) must have the same number of columns n, got "
-                         f"Rsd {tuple(Rsd.shape)} and K {tuple(K.shape)}")
-    _check_shape("C", C, (K.shape[0], K.shape[0]), "p×p key second moment, p = K.shape[0]")
-    return Rsd, K, C
-
-
 def cholesky_factor(C: torch.Tensor) -> torch.Tensor | None:
     """Lower Cholesky factor of C in float64, or None when C is not (numerically) positive definite."""
     factor, info = torch.linalg.cholesky_ex(_float64(C))
@@ -409,7 +394,7 @@ def memit_delta(Rsd: torch.Tensor, K: torch.Tensor, C: torch.Tensor, lam: float,
     Cholesky factor, :func:`cholesky_factor`, computed once per run) the same ΔW comes from the push-through
     identity Kᵀ (lam·C + K Kᵀ)⁻¹ = (I + Kᵀ (lam·C)⁻¹ K)⁻¹ Kᵀ (lam·C)⁻¹ at O(p²n) instead of O(p³).
     """
-    Rsd, K, C = _check_residual_and_keys(Rsd, K, C)
+    _operands(Rsd=(Rsd, "d n"), K=(K, "p n"), C=(C, "p p"), factor=(factor, "p p"))
     lam = _check_positive("lam", lam)
     K = _float64(K)
     if factor is None:
@@ -431,7 +416,7 @@ def emmet_delta(Rsd: torch.Tensor, K: torch.Tensor, C: torch.Tensor, ridge: floa
     beforehand if the ridge is meant relative to a scaled C (EMMET's λ_m only enters as ridge = λ_m·λ_e).
     ``factor``: C's Cholesky factor (:func:`cholesky_factor`), to solve with C in O(p²n).
     """
-    Rsd, K, C = _check_residual_and_keys(Rsd, K, C)
+    _operands(Rsd=(Rsd, "d n"), K=(K, "p n"), C=(C, "p p"), factor=(factor, "p p"))
     ridge = _check_positive("ridge", ridge, allow_zero=True)
     K = _float64(K)
     if factor is None:
@@ -454,8 +439,7 @@ def null_space_projector(C: torch.Tensor, threshold: float = 2e-2) -> torch.Tens
     C = U diag(s) Uᵀ by ``torch.linalg.eigh`` in float64 (C symmetric PSD, so these are its singular
     vectors too); the threshold is absolute. Returns float64.
     """
-    C = _check_tensor("C", C, 2)
-    _check_square("C", C)
+    _operands(C=(C, "p p"))
     threshold = float(threshold)
     if not math.isfinite(threshold):
         raise ValueError(f"threshold must be finite, got {threshold!r}")
@@ -463,23 +447,6 @@ def null_space_projector(C: torch.Tensor, threshold: float = 2e-2) -> torch.Tens
     eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (C + C.T))
     kept = eigenvectors[:, eigenvalues < threshold]
     return kept @ kept.T
-
-
-def _alphaedit_operands(Rsd: torch.Tensor, K: torch.Tensor, P: torch.Tensor, name: str, matrix: torch.Tensor,
-                        meaning: str):
-    """``(Rsd, K, P, matrix)`` checked: Rsd d×n, K p×n, the projector P and ``matrix`` p×p, on one device."""
-    Rsd = _check_tensor("Rsd", Rsd, 2)
-    K = _check_tensor("K", K, 2)
-    P = _check_tensor("P", P, 2)
-    matrix = _check_tensor(name, matrix, 2)
-    _same_device(Rsd=Rsd, K=K, P=P, **{name: matrix})
-    if Rsd.shape[1] != K.shape[1]:
-        raise ValueError(f"Rsd (d×n) and K (p×n) must have the same number of columns n, got "
-                         f"Rsd {tuple(Rsd.shape)} and K {tuple(K.shape)}")
-    in_dim = K.shape[0]
-    _check_shape("P", P, (in_dim, in_dim), "p×p null-space projector, p = K.shape[0]")
-    _check_shape(name, matrix, (in_dim, in_dim), meaning)
-    return Rsd, K, P, matrix
 
 
 def alphaedit_delta(Rsd: torch.Tensor, K: torch.Tensor, P: torch.Tensor, prior_moment: torch.Tensor,
@@ -491,8 +458,7 @@ def alphaedit_delta(Rsd: torch.Tensor, K: torch.Tensor, P: torch.Tensor, prior_m
     returned as float64 like every rule here, but carries float32 accuracy. With l2 > 0 the update lies in
     P's range: ΔW (I − P) = 0, because P (I − P) = 0.
     """
-    Rsd, K, P, prior_moment = _alphaedit_operands(Rsd, K, P, "prior_moment", prior_moment,
-                                                  "p×p accumulated K_p K_pᵀ")
+    _operands(Rsd=(Rsd, "d n"), K=(K, "p n"), P=(P, "p p"), prior_moment=(prior_moment, "p p"))
     l2 = _check_positive("l2", l2)
     if not compute_dtype.is_floating_point:
         raise ValueError(f"compute_dtype must be a floating dtype, got {compute_dtype}")
@@ -506,10 +472,7 @@ def alphaedit_delta(Rsd: torch.Tensor, K: torch.Tensor, P: torch.Tensor, prior_m
 
 def alphaedit_grow_moment(prior_moment: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     """AlphaEdit's carried state after a batch: prior_moment + K Kᵀ (p×p, float64)."""
-    prior_moment = _check_tensor("prior_moment", prior_moment, 2)
-    K = _check_tensor("K", K, 2)
-    _same_device(prior_moment=prior_moment, K=K)
-    _check_shape("prior_moment", prior_moment, (K.shape[0], K.shape[0]), "p×p, p = K.shape[0]")
+    _operands(prior_moment=(prior_moment, "p p"), K=(K, "p n"))
     K = _float64(K)
     return _float64(prior_moment) + K @ K.T
 
@@ -517,11 +480,7 @@ def alphaedit_grow_moment(prior_moment: torch.Tensor, K: torch.Tensor) -> torch.
 def alphaedit_inverse(prior_moment: torch.Tensor, P: torch.Tensor, l2: float) -> torch.Tensor:
     """A⁻¹ = (K_p K_pᵀ P + l2·I)⁻¹ (p×p, float64): the start of AlphaEdit's carried inverse (an inverse of the
     identity-shifted product of two PSD matrices, whose eigenvalues are real and ≥ l2)."""
-    prior_moment = _check_tensor("prior_moment", prior_moment, 2)
-    P = _check_tensor("P", P, 2)
-    _same_device(prior_moment=prior_moment, P=P)
-    _check_square("P", P)
-    _check_shape("prior_moment", prior_moment, tuple(P.shape), "p×p accumulated K_p K_pᵀ")
+    _operands(prior_moment=(prior_moment, "p p"), P=(P, "p p"))
     l2 = _check_positive("l2", l2)
     A = _float64(prior_moment) @ _float64(P)
     A.diagonal().add_(l2)
@@ -535,7 +494,7 @@ def alphaedit_carried_delta(Rsd: torch.Tensor, K: torch.Tensor, P: torch.Tensor,
 
         ΔW = Rsd G (A + K G)⁻¹ = Rsd (I_n + B K)⁻¹ B            (push-through identity), float64.
     """
-    Rsd, K, P, inverse = _alphaedit_operands(Rsd, K, P, "inverse", inverse, "p×p carried (K_p K_pᵀ P + l2·I)⁻¹")
+    _operands(Rsd=(Rsd, "d n"), K=(K, "p n"), P=(P, "p p"), inverse=(inverse, "p p"))
     K = _float64(K)
     B = (K.T @ _float64(P)) @ _float64(inverse)
     small = B @ K
@@ -548,13 +507,7 @@ def alphaedit_grow_inverse(inverse: torch.Tensor, K: torch.Tensor, P: torch.Tens
 
         (A + K G)⁻¹ = A⁻¹ − A⁻¹K (I_n + G A⁻¹ K)⁻¹ G A⁻¹,   G = KᵀP.
     """
-    inverse = _check_tensor("inverse", inverse, 2)
-    K = _check_tensor("K", K, 2)
-    P = _check_tensor("P", P, 2)
-    _same_device(inverse=inverse, K=K, P=P)
-    in_dim = K.shape[0]
-    _check_shape("P", P, (in_dim, in_dim), "p×p null-space projector, p = K.shape[0]")
-    _check_shape("inverse", inverse, (in_dim, in_dim), "p×p carried (K_p K_pᵀ P + l2·I)⁻¹")
+    _operands(inverse=(inverse, "p p"), K=(K, "p n"), P=(P, "p p"))
     inverse, K = _float64(inverse), _float64(K)
     right = (K.T @ _float64(P)) @ inverse       # G A⁻¹ (n×p)
     left = inverse @ K                          # A⁻¹ K (p×n)
@@ -582,10 +535,7 @@ def rect_sparsify(delta: torch.Tensor, W: torch.Tensor, keep_fraction: float) ->
     non-zero change there ranks as a very large relative change. W is the weight the delta is added to.
     Returns float64.
     """
-    delta = _check_tensor("delta", delta, 2)
-    W = _check_tensor("W", W, 2)
-    _same_device(delta=delta, W=W)
-    _check_shape("W", W, tuple(delta.shape), "same shape as delta")
+    _operands(delta=(delta, "d p"), W=(W, "d p"))
     kept_count = rect_kept_count(delta.numel(), keep_fraction)
     delta = _float64(delta)
     relative_change = delta.abs() / (_float64(W).abs() + _RELATIVE_CHANGE_EPS)
@@ -611,7 +561,8 @@ def prune_restrain(delta_total: torch.Tensor, sigma_max_w0: float,
     large pairs L (the pairs at or above σ̄ are the well-separated top of the spectrum, where the Gram matrix
     loses no accuracy).
     """
-    delta_total = _float64(_check_tensor("delta_total", delta_total, 2))
+    _operands(delta_total=(delta_total, "d p"))
+    delta_total = _float64(delta_total)
     threshold = _check_positive("sigma_max_w0", sigma_max_w0)
     wide = delta_total.shape[0] <= delta_total.shape[1]
     gram = delta_total @ delta_total.T if wide else delta_total.T @ delta_total
@@ -639,20 +590,10 @@ def rome_delta(W: torch.Tensor, k_star: torch.Tensor, k_mean: torch.Tensor, v_st
     Shapes: W (d×p), k_star and k_mean (p,), v_star (d,), C (p×p). Then (W + ΔW) k* = v* exactly (up to
     rounding). Raises ValueError if uᵀ k* = 0. Float64.
     """
-    W = _check_tensor("W", W, 2)
-    k_star = _check_tensor("k_star", k_star, 1)
-    k_mean = _check_tensor("k_mean", k_mean, 1)
-    v_star = _check_tensor("v_star", v_star, 1)
-    _same_device(W=W, k_star=k_star, k_mean=k_mean, v_star=v_star, C=C)
-    out_dim, in_dim = W.shape
-    _check_shape("k_star", k_star, (in_dim,), "key of the edited prompt, p = W.shape[1]")
-    _check_shape("k_mean", k_mean, (in_dim,), "template-mean key, p = W.shape[1]")
-    _check_shape("v_star", v_star, (out_dim,), "target output, d = W.shape[0]")
+    _operands(W=(W, "d p"), k_star=(k_star, "p"), k_mean=(k_mean, "p"), v_star=(v_star, "d"), C=(C, "p p"))
     k_star = _float64(k_star)
     direction = _float64(k_mean)
     if C is not None:
-        C = _check_tensor("C", C, 2)
-        _check_shape("C", C, (in_dim, in_dim), "p×p key second moment")
         direction = torch.linalg.solve(_float64(C), direction)
     denominator = float(direction @ k_star)
     if denominator == 0.0 or not math.isfinite(denominator):
