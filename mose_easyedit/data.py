@@ -136,6 +136,25 @@ class _Record:
 
 
 # ------------------------------------------------------------------------------------------------------ reading
+def json_lines(path: str | os.PathLike, complete_only: bool = False):
+    """``(line number, object)`` for every non-blank line of a JSON-lines file; a line that is not a JSON object
+    raises ``ValueError`` naming the file and the line. ``complete_only``: stop at a last line without its newline
+    (an append cut off by a kill)."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if complete_only and not line.endswith("\n"):
+                return
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({exc})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {number}: expected a JSON object")
+            yield number, record
+
+
 def _read_json_list(path: str | os.PathLike) -> tuple[Path, list]:
     path = Path(path)
     if not path.is_file():

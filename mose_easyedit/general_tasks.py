@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import resolve_data_dir
+from .data import json_lines, resolve_data_dir
 from .evaluation import eval_mode, target_nll
 from .modeling import base_model, input_device, plain_head
 from .tokens import join_target, pad_batch, pad_id
@@ -142,27 +142,20 @@ def load_nq(data_dir=None) -> list[dict]:
     """NQ examples ``{"question", "answers", "passage"}``; the passage is the record's ``output[0]``."""
     path = task_file("nq", data_dir)
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {line_no}: not valid JSON ({exc})") from None
-            where = f"{path}: line {line_no}"
-            question, answers, output = record.get("question"), record.get("answer"), record.get("output")
-            if not isinstance(question, str) or not question.strip():
-                raise ValueError(f"{where}: field 'question': missing or empty")
-            if isinstance(answers, str):
-                answers = [answers]
-            if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers) or not answers:
-                raise ValueError(f"{where}: field 'answer': expected a non-empty list of strings")
-            if isinstance(output, list):
-                output = output[0] if output else None
-            if not isinstance(output, str) or not output.strip():
-                raise ValueError(f"{where}: field 'output': expected a passage")
-            examples.append({"question": question.strip(), "answers": answers, "passage": output.strip()})
+    for line_no, record in json_lines(path):
+        where = f"{path}: line {line_no}"
+        question, answers, output = record.get("question"), record.get("answer"), record.get("output")
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"{where}: field 'question': missing or empty")
+        if isinstance(answers, str):
+            answers = [answers]
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers) or not answers:
+            raise ValueError(f"{where}: field 'answer': expected a non-empty list of strings")
+        if isinstance(output, list):
+            output = output[0] if output else None
+        if not isinstance(output, str) or not output.strip():
+            raise ValueError(f"{where}: field 'output': expected a passage")
+        examples.append({"question": question.strip(), "answers": answers, "passage": output.strip()})
     return examples
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..cache import model_cache
+from ..data import json_lines
 from ..session import SESSIONS_ATTRIBUTE
 
 logger = logging.getLogger(__name__)
@@ -110,21 +111,10 @@ def read_json_if_valid(path: str | os.PathLike) -> Any | None:
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The complete lines of a JSON-lines file (a torn last line, from a kill mid-append, is dropped);
     :class:`CorruptFileError` naming the file and the line when a complete line is not a JSON object."""
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.endswith("\n"):
-                break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CorruptFileError(f"{path}, line {number}: not valid JSON ({exc})") from None
-            if not isinstance(record, dict):
-                raise CorruptFileError(f"{path}, line {number}: expected a JSON object")
-            records.append(record)
-    return records
+    try:
+        return [record for _, record in json_lines(path, complete_only=True)]
+    except ValueError as exc:
+        raise CorruptFileError(str(exc)) from None
 
 
 # ------------------------------------------------------------------------------------------------------ RNG
