@@ -217,12 +217,17 @@ class Method:
         None: unconstrained."""
         return None
 
-    def edit(self, ctx: EditContext) -> None:
+    def checked_window(self, ctx: EditContext) -> list[int]:
+        """:meth:`window`, refused when it reaches the last layer (a change there cannot influence later tokens)."""
         window = self.window(ctx)
         if max(window) >= num_layers(ctx.model) - 1:
             raise ValueError(f"{self.name}: layer window {window} reaches the last layer; a change there cannot "
                              f"influence later tokens, so the top edited layer must be below "
                              f"{num_layers(ctx.model) - 1}")
+        return window
+
+    def edit(self, ctx: EditContext) -> None:
+        window = self.checked_window(ctx)
         target = ctx.targets(max(window), self.clamp_reference, self.reach(ctx, window))
         ctx.diagnostics.update(layers=window, target_loss=target.losses, target_steps=target.steps,
                                delta_norm=target.delta.norm(dim=0).tolist())

@@ -548,6 +548,17 @@ def rect_sparsify(delta: torch.Tensor, W: torch.Tensor, keep_fraction: float) ->
 # ----------------------------------------------------------------------------------------------------------
 # 8. PRUNE
 # ----------------------------------------------------------------------------------------------------------
+def gram_spectrum(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(σ, U, wide)`` of a d×p matrix from the eigendecomposition of its smaller Gram matrix (ΔW ΔWᵀ when
+    ``wide``, d ≤ p, else ΔWᵀ ΔW), float64: the singular values in ascending order and the matching singular
+    vectors on the smaller side. Cheaper than an SVD and accurate for the large, well-separated values."""
+    _operands(matrix=(matrix, "d p"))
+    matrix = _float64(matrix)
+    wide = matrix.shape[0] <= matrix.shape[1]
+    eigenvalues, vectors = torch.linalg.eigh(matrix @ matrix.T if wide else matrix.T @ matrix)
+    return eigenvalues.clamp(min=0).sqrt(), vectors, wide
+
+
 def prune_restrain(delta_total: torch.Tensor, sigma_max_w0: float,
                    log: Callable[[float], float] = math.log) -> torch.Tensor:
     """PRUNE: restrain the accumulated ΔW = W_n − W_0 by F applied to its singular values.
@@ -561,13 +572,9 @@ def prune_restrain(delta_total: torch.Tensor, sigma_max_w0: float,
     large pairs L (the pairs at or above σ̄ are the well-separated top of the spectrum, where the Gram matrix
     loses no accuracy).
     """
-    _operands(delta_total=(delta_total, "d p"))
-    delta_total = _float64(delta_total)
     threshold = _check_positive("sigma_max_w0", sigma_max_w0)
-    wide = delta_total.shape[0] <= delta_total.shape[1]
-    gram = delta_total @ delta_total.T if wide else delta_total.T @ delta_total
-    eigenvalues, vectors = torch.linalg.eigh(gram)
-    sigmas = eigenvalues.clamp(min=0).sqrt()
+    sigmas, vectors, wide = gram_spectrum(delta_total)
+    delta_total = _float64(delta_total)
     large = sigmas >= threshold
     if not bool(large.any()):
         return delta_total.clone()

@@ -75,13 +75,19 @@ def frozen_eval(model):
         model.train(training)
 
 
-def _rows(tok, requests: Sequence[EditRequest], prefixes: Sequence[str]):
-    """Rewriting rows (one per request and prefix) then one KL row per request."""
+def rewrite_rows(tok, requests: Sequence[EditRequest], prefixes: Sequence[str]) -> tuple[list[Encoded], list[int]]:
+    """The teacher-forced rows ``prefix + prompt + target``, one per request and prefix, and each row's request."""
     rewrite, owner = [], []
     for j, request in enumerate(requests):
         for prefix in prefixes:
             rewrite.append(encode_prompt(tok, request.prompt, request.subject, prefix, request.target))
             owner.append(j)
+    return rewrite, owner
+
+
+def _rows(tok, requests: Sequence[EditRequest], prefixes: Sequence[str]):
+    """Rewriting rows (one per request and prefix) then one KL row per request."""
+    rewrite, owner = rewrite_rows(tok, requests, prefixes)
     kl = [encode_prompt(tok, KL_PROMPT.format(r.subject), r.subject) for r in requests]
     return rewrite, owner, kl
 

@@ -55,9 +55,9 @@ from torch import nn
 
 from ..editor import EditContext, Method
 from ..hparams import LocateEditHyperParams
-from ..modeling import get_module, input_device, is_conv1d
-from ..targets import frozen_eval
-from ..tokens import encode_prompt, pad_batch, pad_id
+from ..modeling import base_model, get_module, input_device, is_conv1d, plain_head
+from ..targets import frozen_eval, rewrite_rows
+from ..tokens import pad_batch, pad_id
 
 logger = logging.getLogger(__name__)
 
@@ -276,11 +276,7 @@ class NLLBatch:
 
 
 def nll_batch(tok, requests, prefixes: list[str], device) -> NLLBatch:
-    encoded, owner = [], []
-    for j, request in enumerate(requests):
-        for prefix in prefixes:
-            encoded.append(encode_prompt(tok, request.prompt, request.subject, prefix, request.target))
-            owner.append(j)
+    encoded, _ = rewrite_rows(tok, requests, prefixes)
     ids, mask, _ = pad_batch([e.ids for e in encoded], pad_id(tok), "right", device)
     rows, columns, labels, weights = [], [], [], []
     for i, e in enumerate(encoded):
@@ -297,11 +293,9 @@ def nll_batch(tok, requests, prefixes: list[str], device) -> NLLBatch:
 
 def target_logits(model, batch: NLLBatch) -> torch.Tensor:
     """Logits at the target-predicting positions only (the output head runs on those hidden states alone)."""
-    head = model.get_output_embeddings()
-    if head is not None and getattr(model.config, "final_logit_softcapping", None) is None:
-        base = getattr(model, model.base_model_prefix)
-        hidden = base(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).last_hidden_state
-        return head(hidden[batch.rows, batch.columns])
+    if plain_head(model):
+        hidden = base_model(model)(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).last_hidden_state
+        return model.get_output_embeddings()(hidden[batch.rows, batch.columns])
     logits = model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits
     return logits[batch.rows, batch.columns]
 

@@ -19,7 +19,7 @@ import torch
 from ..editor import EditContext
 from ..hparams import LocateEditHyperParams
 from ..modeling import get_module, is_conv1d, read_weight
-from ..rules import prune_restrain
+from ..rules import gram_spectrum, prune_restrain
 from .memit import MEMIT, require_update_weight
 
 LOGARITHMS = {"ln": math.log, "log2": math.log2, "log10": math.log10}
@@ -59,13 +59,6 @@ class PRUNEState:
     tracked: dict = dataclasses.field(default_factory=dict)
 
 
-def singular_values(matrix: torch.Tensor) -> torch.Tensor:
-    """Singular values of a float64 matrix from the eigenvalues of its smaller Gram matrix (cheaper than an
-    SVD of the d×p matrix; accurate enough to compare with σ̄)."""
-    gram = matrix @ matrix.T if matrix.shape[0] <= matrix.shape[1] else matrix.T @ matrix
-    return torch.linalg.eigvalsh(gram).clamp(min=0).sqrt()
-
-
 class PRUNE(MEMIT):
     name = "PRUNE"
     hparams_class = PRUNEHyperParams
@@ -90,7 +83,7 @@ class PRUNE(MEMIT):
                 entry = TrackedLayer(window[module], original, sigma_max, original)
             raw = read_weight(ctx.model, module).clone()
             change = raw.double() - entry.original.double()
-            sigmas = singular_values(change)
+            sigmas = gram_spectrum(change)[0]
             restrained = int((sigmas >= entry.sigma_max).sum())
             if restrained:
                 ctx.write(entry.layer, entry.original.double()

@@ -18,7 +18,6 @@ import torch
 
 from ..editor import EditContext, LayerBatch, Method, Operands, Update, spread_update
 from ..hparams import LocateEditHyperParams
-from ..modeling import num_layers
 from ..rules import rome_delta
 
 
@@ -72,10 +71,7 @@ class ROME(Method):
         ctx.diagnostics.setdefault("per_request", []).append(diagnostics)
 
     def edit(self, ctx: EditContext) -> None:
-        (layer,) = self.window(ctx)
-        if layer >= num_layers(ctx.model) - 1:
-            raise ValueError(f"{self.name}: layer {layer} is the last layer; a change there cannot influence "
-                             f"later tokens, so the edited layer must be below {num_layers(ctx.model) - 1}")
+        (layer,) = self.checked_window(ctx)
         ctx.diagnostics.update(layers=[layer], target_loss=[], target_steps=[], delta_norm=[])
         for request in ctx.requests:
             # a view of the same call (shared backup, timings, diagnostics) holding one request; ROME carries no
