@@ -258,3 +258,42 @@ def test_new_options_are_checked_by_name(tokenizer):
                        ("input_a_ridge", -1.0)):
         with pytest.raises(ValueError, match=key):
             tiny_hparams(MOSEInputHyperParams, "llama", **{key: value})
+
+
+def test_principal_keys_keep_the_leading_directions_of_the_earlier_keys():
+    from mose_easyedit.methods.mose_input_budget import principal_keys
+
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(12, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 9, generator=g, dtype=torch.float64)
+    keys = keys + 1e-6 * torch.randn(12, 9, generator=g, dtype=torch.float64)
+    assert torch.equal(principal_keys(keys[:, :2], 3), keys[:, :2])  # fewer keys than the budget: all of them
+    basis = orthonormal_columns(principal_keys(keys, 3))
+    assert basis.shape[1] == 3
+    outside = keys - basis @ (basis.T @ keys)  # rank-3 keys: three directions hold (almost) all their energy
+    assert float(outside.norm()) < 1e-5 * float(keys.norm())
+
+
+def test_budget_rule_with_room_for_every_earlier_key_edits_as_the_input_side(tokenizer):
+    """With protect_rank at least the number of earlier keys, MOSE-input-budget protects exactly what MOSE-input
+    protects (the same span): the same edits to rounding; with protect_rank 0 an earlier key's output moves."""
+    from mose_easyedit.methods.mose_input_budget import MOSEInputBudgetHyperParams, apply_mose_input_budget_to_model
+
+    common = dict(layer_selection=False, layers=[1, 2], nullspace_threshold=1e3, v_lr=0.5, protect_reading=True)
+    reference = build_tiny_model("llama", len(tokenizer))
+    hp = tiny_hparams(MOSEInputHyperParams, "llama", **common)
+    for request in REQUESTS:
+        apply_mose_input_to_model(reference, tokenizer, [request], hp)
+    moved = {}
+    for rank in (8, 0):
+        model = build_tiny_model("llama", len(tokenizer))
+        budget = tiny_hparams(MOSEInputBudgetHyperParams, "llama", protect_rank=rank, **common)
+        apply_mose_input_budget_to_model(model, tokenizer, [REQUESTS[0]], budget)
+        module = budget.rewrite_module_tmp.format(2)
+        first_key = get_session(model, "MOSE-input-budget").state.protected_keys[module][:, :1].double()
+        before = read_weight(model, module).double() @ first_key
+        apply_mose_input_budget_to_model(model, tokenizer, [REQUESTS[1]], budget)
+        moved[rank] = float((read_weight(model, module).double() @ first_key - before).norm() / before.norm())
+        if rank == 8:
+            for name, value in reference.named_parameters():
+                torch.testing.assert_close(model.get_parameter(name), value, rtol=1e-5, atol=1e-6)
+    assert moved[8] < 1e-5 < moved[0]

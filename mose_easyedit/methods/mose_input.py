@@ -64,11 +64,16 @@ def subspaces(W: torch.Tensor, k: torch.Tensor, protected: torch.Tensor, ops: Op
 def input_rotation_rule(batch: LayerBatch, ops: Operands, state: MOSEState, hp: MOSEInputHyperParams) -> Update:
     """W ← W Q: one aimed plane rotation per request, each plane ⊥ the keys of earlier edits and of the batch's
     earlier requests."""
+    return turn_each_key(batch, ops, state, hp, state.earlier_keys(batch.module, batch.K))
+
+
+def turn_each_key(batch: LayerBatch, ops: Operands, state: MOSEState, hp: MOSEInputHyperParams,
+                  protected: torch.Tensor) -> Update:
+    """The input side's update with the planes kept ⊥ ``protected`` (p × m) and ⊥ the batch's earlier keys."""
     W, K, residual = batch.W, batch.K, batch.residual
     if hp.input_spread == "greedy":
         residual = residual * (len(batch.window) - batch.position)
     values = W @ K + residual
-    protected = state.earlier_keys(batch.module, K)
     planes, records = [], []
     for j in range(K.shape[1]):
         k = K[:, j]
@@ -104,6 +109,11 @@ class MOSEInput(MOSEBase):
         P, rank = null_space(ctx.model, ctx.module(layer), C, ctx.hparams.nullspace_threshold)
         return Operands(C=C, P=P, P_rank=rank)
 
+    @staticmethod
+    def protected(state: MOSEState, module: str, K: torch.Tensor, hp: MOSEInputHyperParams) -> torch.Tensor:
+        """The keys the planes of ``module`` must leave alone (as the rule sees them): every earlier edit's."""
+        return state.earlier_keys(module, K)
+
     def reach(self, ctx: EditContext, window: list[int]):
         """``target_reach: rotation``: the projection of δ onto what the window's planes can deliver, from the keys
         of the model as it is before this edit (first order: the layers' output changes add up)."""
@@ -116,7 +126,7 @@ class MOSEInput(MOSEBase):
             W = ctx.weight(layer)
             K = keys[layer].to(W.device)
             ops = self.operands(ctx, layer, W)
-            protected = ctx.state.earlier_keys(ctx.module(layer), K)
+            protected = self.protected(ctx.state, ctx.module(layer), K, hp)
             directions = [subspaces(W, K[:, j], protected, ops, hp) for j in range(K.shape[1])]
             allowed = directions[0][1]
             readers.append(Reader.build(W, allowed if hp.input_subspace == "null_c" else (lambda x: x)))
