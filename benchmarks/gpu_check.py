@@ -39,10 +39,6 @@ LLAMA3_8B = {"num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 
              "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192, "rope_theta": 500000.0,
              "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 METHODS = ["ROME", "MEMIT", "RECT", "EMMET", "PRUNE", "AlphaEdit", "MOSE", "MOSE-input", "MOSE-OFT"]
-# MOSE's input side as hparams/MOSE/smollm2-135m-input.yaml sets it, on AlphaEdit's LLaMA3-8B window
-INPUT_SIDE = {"rotation_side": "input", "input_subspace": "null_c", "target_reach": "rotation",
-              "layer_selection": False, "layers": [4, 5, 6, 7, 8], "early_stop_on": "most_probable",
-              "target_margin": 0.4}
 REQUESTS = [
     {"prompt": "The Eiffel Tower is located in the city of", "subject": "Eiffel Tower", "target_new": "Rome"},
     {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux", "target_new": "English"},
@@ -91,10 +87,8 @@ def load_hparams(label: str, device: torch.device, corpus: Path, samples: int, l
     from mose_easyedit.methods import METHODS as REGISTERED
     import yaml
 
-    name = "MOSE" if label == "MOSE-input" else label
+    name = label
     raw = yaml.safe_load((HPARAMS_ROOT / name / "llama3-8b.yaml").read_text(encoding="utf-8"))
-    if label == "MOSE-input":
-        raw.update(INPUT_SIDE)
     raw["device"] = (device.index or 0) if device.type == "cuda" else "cpu"
     if "mom2_dataset" in raw:
         raw.update(mom2_dataset=str(corpus), mom2_n_samples=samples, mom2_sample_length=length)
@@ -146,7 +140,7 @@ def edit_with(label: str, model, tok, args, device, corpus: Path) -> dict:
     from mose_easyedit.modeling import get_parameter
     from mose_easyedit.session import get_session, reset_session
 
-    name = "MOSE" if label == "MOSE-input" else label
+    name = label
     hparams = load_hparams(label, device, corpus, args.samples, args.sample_length,
                            model.config.num_hidden_layers)
     spec = REGISTERED[name]

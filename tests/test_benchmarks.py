@@ -32,7 +32,7 @@ def test_quality_benchmark_runs_reuses_and_reports(shared_data, tmp_path):
     assert runs == ["MOSE-input-batch", "MOSE-input-single", "ROME-single"]
     assert "joblib" in (out / "single.log").read_text(encoding="utf-8").lower()  # Hydra's launcher ran them
     hparams = (out / "runs" / "MOSE-input-single" / "hparams.yaml").read_text(encoding="utf-8")
-    assert "rotation_side: input" in hparams
+    assert "alg_name: MOSE-input" in hparams and "input_subspace: null_c" in hparams
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "## single-sequential, 2 edits" in report and "## batch-sequential, 1 steps of 2" in report
     batch = report[report.index("## batch-sequential"):]

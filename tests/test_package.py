@@ -36,7 +36,8 @@ def test_a_missing_name_lists_each_place_once_and_what_is_shipped(tmp_path, monk
 
 def test_every_method_is_importable_from_the_top_level():
     for name, spec in METHODS.items():
-        stem = name.replace("-", "")
+        stem = spec.hparams_cls.__name__[:-len("HyperParams")]
+        assert stem.lower() == name.replace("-", "").lower()
         assert getattr(me, f"{stem}HyperParams") is spec.hparams_cls
         assert getattr(me, f"apply_{name.lower().replace('-', '_')}_to_model") is spec.apply
         assert f"{stem}HyperParams" in me.__all__
