@@ -11,7 +11,8 @@ to ``--out`` (a configuration whose file exists is not run again); ``--report`` 
 and the plot of strict reliability against locality (``tradeoff.png``) from the files there.
 
     python benchmarks/rotation_sweep.py --out runs/sweep --start 1000 --n 100 \\
-        AlphaEdit=AlphaEdit MOSE=MOSE 'in-null_w=MOSE-input,input_subspace=null_w,layer_selection=false,layers=[4,5,6,7,8]'
+        AlphaEdit=AlphaEdit MOSE=MOSE \
+        'in-null_w=MOSE-input,input_subspace=null_w,layer_selection=false,layers=[4,5,6,7,8]'
 """
 from __future__ import annotations
 
