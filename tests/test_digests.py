@@ -26,9 +26,11 @@ from conftest import REQUESTS, build_tiny_model, embedded_hparams, load_cases, s
 DIGESTS_FILE = Path(__file__).with_name("weight_digests.json")
 HPARAMS_DIR = Path(__file__).resolve().parents[1] / "hparams"
 EMBEDDED = sorted(f"{path.parent.name}/{path.stem}" for path in HPARAMS_DIR.glob("*/smollm2-135m*.yaml"))
-# configurations shipped after the digests were recorded have no digest (except SAME_AS below)
-EMBEDDED = [c for c in EMBEDDED if c in json.loads(DIGESTS_FILE.read_text())["embedded"] or c in
-            ("MOSE-input/smollm2-135m",)] if DIGESTS_FILE.exists() else EMBEDDED
+# a configuration shipped after the digests were recorded, and the recorded one it must reproduce
+SAME_AS = {"MOSE-input/smollm2-135m": "MOSE/smollm2-135m-input"}
+# configurations shipped after the digests were recorded have no digest (except those in SAME_AS)
+EMBEDDED = [c for c in EMBEDDED if c in json.loads(DIGESTS_FILE.read_text())["embedded"] or c in SAME_AS] \
+    if DIGESTS_FILE.exists() else EMBEDDED
 TINY = [(method, family) for method in ("ROME", "MEMIT", "RECT", "EMMET", "PRUNE", "AlphaEdit", "MOSE",
                                         "MOSE-input", "MOSE-OFT") for family in ("llama", "gpt2")]
 # tiny-model hyperparameters where a method's defaults are for real models (as in test_methods.py), and the
@@ -42,10 +44,6 @@ TINY_CONFIG = {
     "PRUNE": ("PRUNE", dict(mom2_update_weight=1.0)),
     "AlphaEdit": ("AlphaEdit", dict(nullspace_threshold=0.05, L2=1.0)),
 }
-
-
-# a configuration shipped after the digests were recorded, and the recorded one it must reproduce
-SAME_AS = {"MOSE-input/smollm2-135m": "MOSE/smollm2-135m-input"}
 
 
 @pytest.fixture(scope="module")

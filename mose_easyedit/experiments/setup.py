@@ -3,12 +3,10 @@ model, and the per-model caches warmed on the original weights."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 import yaml
@@ -44,10 +42,6 @@ def load_requests(cfg: DictConfig) -> list[dict]:
         raise ExperimentError(f"data.path={path}: only {len(requests)} usable record(s) from start={cfg.data.start}, "
                               f"num_edits={cfg.num_edits} asked for")
     return requests[:cfg.num_edits]
-
-
-def requests_digest(requests: Sequence[dict]) -> str:
-    return hashlib.sha1(json.dumps(list(requests), sort_keys=True).encode()).hexdigest()
 
 
 def hparams_path(cfg: DictConfig) -> Path:
