@@ -297,3 +297,42 @@ def test_budget_rule_with_room_for_every_earlier_key_edits_as_the_input_side(tok
             for name, value in reference.named_parameters():
                 torch.testing.assert_close(model.get_parameter(name), value, rtol=1e-5, atol=1e-6)
     assert moved[8] < 1e-5 < moved[0]
+
+
+def test_room_of_a_layer_shrinks_with_the_directions_its_earlier_edits_took():
+    from mose_easyedit.methods.mose_input_room import layer_room
+
+    g = torch.Generator().manual_seed(5)
+    K = torch.randn(10, 3, generator=g, dtype=torch.float64)
+    basis = torch.linalg.qr(torch.randn(10, 4, generator=g, dtype=torch.float64))[0]
+    P = basis @ basis.T
+    share = float(((P @ K).norm(dim=0) / K.norm(dim=0)).mean())
+    assert layer_room(K, P, 4, 0) == pytest.approx(share, rel=1e-12)
+    assert layer_room(K, P, 4, 3) == pytest.approx(share / 2, rel=1e-12)
+    assert layer_room(K, P, 4, 4) == layer_room(K, P, 4, 9) == 0.0
+
+
+def test_room_window_moves_to_the_layer_its_earlier_edits_left_freer(tokenizer):
+    """Null space = everything (threshold 1e3): the room of a layer is sqrt((p − m)/p) with m its earlier edits, so
+    single-layer windows over candidates 1 and 2 alternate 1, 2, 1; only the chosen layer is written, and each
+    layer protects exactly the keys of the calls that edited it."""
+    from mose_easyedit.methods.mose_input_room import MOSEInputRoomHyperParams, apply_mose_input_room_to_model
+
+    model = build_tiny_model("llama", len(tokenizer))
+    hp = tiny_hparams(MOSEInputRoomHyperParams, "llama", candidate_layers=[1, 2], neighbours=0,
+                      nullspace_threshold=1e3, v_lr=0.5)
+    chosen = []
+    third = {"prompt": "Toko Yasuda plays the instrument", "subject": "Toko Yasuda", "target_new": "piano"}
+    for request in [*REQUESTS[:2], third]:
+        before = snapshot(model)
+        apply_mose_input_room_to_model(model, tokenizer, [request], hp)
+        record = me.edit_history(model, "MOSE-input-room")[-1]
+        chosen.append(record["selected_layer"])
+        changed = {name for name, value in model.named_parameters() if not torch.equal(value, before[name])}
+        assert changed == {hp.rewrite_module_tmp.format(chosen[-1]) + ".weight"}
+    assert chosen == [1, 2, 1]
+    keys = get_session(model, "MOSE-input-room").state.protected_keys
+    assert {module: value.shape[1] for module, value in keys.items()} == {
+        hp.rewrite_module_tmp.format(1): 2, hp.rewrite_module_tmp.format(2): 1}
+    with pytest.raises(ValueError, match="input_subspace"):
+        tiny_hparams(MOSEInputRoomHyperParams, "llama", input_subspace="null_w")

@@ -55,6 +55,7 @@ TINY = {
     "AlphaEdit": dict(nullspace_threshold=0.05, L2=1.0),
     "MOSE-input": dict(layer_selection=False, layers=[1, 2]),
     "MOSE-input-budget": dict(layer_selection=False, layers=[1, 2], protect_rank=1),
+    "MOSE-input-room": dict(candidate_layers=[1], neighbours=1, nullspace_threshold=1e3),
 }
 MODEL_LAYERS = {"llama3-8b": 32, "qwen2.5-7b": 28, "llama2-13b": 40, "smollm2-135m": 30}
 
@@ -95,7 +96,8 @@ def assert_same_state(actual, expected, where: str = "state") -> None:
 # the contract runs every registered method on a tiny LLaMA and a tiny GPT-2 (Conv1D weights stored (in, out))
 CONTRACT_FAMILIES = ("llama", "gpt2")
 MATRIX = [pytest.param(name, family, id=f"{name}-{family}") for name in METHODS for family in CONTRACT_FAMILIES]
-ROTATIONS = ("MOSE", "MOSE-input", "MOSE-input-budget", "MOSE-OFT")  # methods that must keep every singular value
+# methods that must keep every singular value
+ROTATIONS = ("MOSE", "MOSE-input", "MOSE-input-budget", "MOSE-input-room", "MOSE-OFT")
 
 
 class SpyWrites:
