@@ -1,7 +1,9 @@
 """Shared fixtures: the shared data folder beside the repository and the embedded default model."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -132,3 +134,92 @@ def embedded_hparams(cls, shared_data: Path, name: str = "smollm2-135m"):
     hp.mom2_dataset = str(shared_data / "text_corpus" / "wikitext-2-raw.test.raw")
     hp.mom2_n_samples = 200
     return hp
+
+
+def model_digest(model) -> str:
+    """sha256 over every parameter and buffer of ``model`` (names and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(p.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def restore(model, weights: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, value in weights.items():
+            model.get_parameter(name).copy_(value)
+
+
+@dataclasses.dataclass
+class EmbeddedRun:
+    """The embedded model after a shipped configuration's 10 sequential edits: the parameters the run changed,
+    the sessions it left on the model, and the digest of every parameter."""
+
+    edited: dict
+    sessions: dict
+    digest: str
+
+
+class EmbeddedRuns:
+    """The first 10 CounterFact cases of the edit split, one per call, with ``hparams/<METHOD>/<name>.yaml``
+    (statistics from the shared WikiText, as :func:`embedded_hparams`): each configuration is edited once per
+    test session and shared by the tests that check that run (its digest, MOSE's spectrum, accuracy and undo).
+    The model is restored bit for bit after each run."""
+
+    def __init__(self, model, tok, shared_data: Path):
+        self.model, self.tok, self.shared_data = model, tok, shared_data
+        self.runs: dict[tuple, EmbeddedRun] = {}
+
+    def run(self, config: str) -> EmbeddedRun:
+        """The run of ``config`` (``"<METHOD>/<file stem>"``). Two files that load to the same hyperparameters of
+        the same class (an earlier form of a file and its successor) make the same edits: they share one run."""
+        import copy
+
+        import mose_easyedit as me
+        from mose_easyedit.methods import METHODS
+        from mose_easyedit.session import SESSIONS_ATTRIBUTE
+
+        method, name = config.split("/")
+        spec = METHODS[method]
+        hp = embedded_hparams(spec.hparams_cls, self.shared_data, name)
+        key = (type(hp).__qualname__, repr(sorted(hp.to_dict().items())))
+        if key not in self.runs:
+            torch.set_num_threads(1)
+            original = snapshot(self.model)
+            me.reset_session(self.model)
+            try:
+                for case in load_cases(10):
+                    spec.apply(self.model, self.tok, [case], hp)
+                edited = {n: p.detach().clone() for n, p in self.model.named_parameters()
+                          if not torch.equal(p, original[n])}
+                sessions = copy.deepcopy(self.model.__dict__.get(SESSIONS_ATTRIBUTE, {}))
+                self.runs[key] = EmbeddedRun(edited, sessions, model_digest(self.model))
+            finally:
+                restore(self.model, original)
+                me.reset_session(self.model)
+        return self.runs[key]
+
+    @contextlib.contextmanager
+    def applied(self, config: str):
+        """``(model, tok, original)``: the model as the run left it (weights and live sessions) inside the block, and
+        a copy of its parameters before; restored after the block."""
+        import copy
+
+        import mose_easyedit as me
+        from mose_easyedit.session import SESSIONS_ATTRIBUTE
+
+        run = self.run(config)
+        original = snapshot(self.model)
+        try:
+            restore(self.model, run.edited)
+            self.model.__dict__[SESSIONS_ATTRIBUTE] = copy.deepcopy(run.sessions)
+            yield self.model, self.tok, original
+        finally:
+            restore(self.model, original)
+            me.reset_session(self.model)
+
+
+@pytest.fixture(scope="session")
+def embedded_runs(default_model, shared_data) -> EmbeddedRuns:
+    return EmbeddedRuns(*default_model, shared_data)

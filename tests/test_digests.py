@@ -8,12 +8,11 @@ mismatch on a different machine is not by itself a behaviour change: re-record t
 
 * embedded model: the first 10 cases of ``counterfact-edit.json``, one fact per call, with every shipped
   ``hparams/<METHOD>/smollm2-135m*.yaml`` (statistics from the shared WikiText, 200 texts, as the other
-  embedded-model tests use);
+  embedded-model tests use; the runs are conftest's ``embedded_runs``, which other tests of the same runs share);
 * tiny LLaMA and GPT-2 models: every registered method, two single edits then one call of both facts.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REQUESTS, build_tiny_model, embedded_hparams, load_cases, snapshot, tiny_hparams
+from conftest import REQUESTS, EmbeddedRuns, build_tiny_model, model_digest, tiny_hparams
 
 DIGESTS_FILE = Path(__file__).with_name("weight_digests.json")
 HPARAMS_DIR = Path(__file__).resolve().parents[1] / "hparams"
@@ -70,29 +69,8 @@ def recording_environment(tokenizer):
                     "other known paper-side digest); re-record here with the old code to compare bit for bit")
 
 
-def model_digest(model) -> str:
-    digest = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(p.detach().contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def recorded() -> dict:
     return json.loads(DIGESTS_FILE.read_text()) if DIGESTS_FILE.exists() else {}
-
-
-def edit_embedded(model, tok, config: str, shared_data) -> str:
-    import mose_easyedit as me
-    from mose_easyedit.methods import METHODS
-
-    method, name = config.split("/")
-    spec = METHODS[method]
-    hp = embedded_hparams(spec.hparams_cls, shared_data, name)
-    me.reset_session(model)
-    for case in load_cases(10):
-        spec.apply(model, tok, [case], hp)
-    return model_digest(model)
 
 
 def edit_tiny(method: str, family: str, tok) -> str:
@@ -111,21 +89,8 @@ def edit_tiny(method: str, family: str, tok) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", EMBEDDED)
-def test_shipped_embedded_configuration_edits_bit_for_bit_as_recorded(recording_environment, default_model,
-                                                                      shared_data, config):
-    import mose_easyedit as me
-
-    model, tok = default_model
-    torch.set_num_threads(1)
-    original = snapshot(model)
-    try:
-        digest = edit_embedded(model, tok, config, shared_data)
-    finally:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(original[name])
-        me.reset_session(model)
-    assert digest == recorded()["embedded"][SAME_AS.get(config, config)]
+def test_shipped_embedded_configuration_edits_bit_for_bit_as_recorded(recording_environment, embedded_runs, config):
+    assert embedded_runs.run(config).digest == recorded()["embedded"][SAME_AS.get(config, config)]
 
 
 @pytest.mark.parametrize("method,family", TINY)
@@ -146,12 +111,9 @@ if __name__ == "__main__" and "--record" in sys.argv:
     for method, family in TINY:
         result["tiny"][f"{method}/{family}"] = edit_tiny(method, family, tok)
         print(method, family, result["tiny"][f"{method}/{family}"][:12], flush=True)
-    original = snapshot(model)
+    runs = EmbeddedRuns(model, tok, SHARED_DATA)
     for config in (c for c in EMBEDDED if c not in SAME_AS):
         start = time.perf_counter()
-        result["embedded"][config] = edit_embedded(model, tok, config, SHARED_DATA)
+        result["embedded"][config] = runs.run(config).digest
         print(config, result["embedded"][config][:12], f"{time.perf_counter() - start:.0f} s", flush=True)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(original[name])
     DIGESTS_FILE.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")

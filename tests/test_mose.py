@@ -127,16 +127,12 @@ def test_copy_leaves_the_original_untouched(tokenizer):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["smollm2-135m", "smollm2-135m-input"])
-def test_embedded_model_ten_sequential_counterfact_edits(default_model, shared_data, name):
-    """Done-means of the MOSE core: 10 CounterFact cases in sequence with each shipped yaml (both sides)."""
-    model, tok = default_model
+def test_embedded_model_ten_sequential_counterfact_edits(embedded_runs, shared_data, name):
+    """Done-means of the MOSE core: 10 CounterFact cases in sequence with each shipped yaml (both sides; the run
+    whose digest tests/test_digests.py pins)."""
     hp = embedded_hparams(MOSEHyperParams, shared_data, name)
     cases = load_cases(10)
-    original = snapshot(model)
-    me.reset_session(model)
-    try:
-        for case in cases:
-            apply_mose_to_model(model, tok, [case], hp)
+    with embedded_runs.applied(f"MOSE/{name}") as (model, tok, original):
         accuracy = token_accuracy(model, tok, [c["prompt"] for c in cases], [c["target_new"] for c in cases])
         assert sum(a == 1.0 for a in accuracy) >= 8, accuracy
         edited = {n for n, p in model.named_parameters() if not torch.equal(p, original[n])}
@@ -157,11 +153,6 @@ def test_embedded_model_ten_sequential_counterfact_edits(default_model, shared_d
             rel = (model.get_parameter(name).detach().double() - original[name].double()).norm() / original[
                 name].double().norm()
             assert rel < 1e-6, name
-    finally:
-        with torch.no_grad():
-            for name, value in original.items():
-                model.get_parameter(name).copy_(value)
-        me.reset_session(model)
 
 
 def test_carried_preservation_moment_matches_a_rebuild(tokenizer):
