@@ -94,7 +94,8 @@ class EditContext:
     requests: list[EditRequest]
     state: Any = None  # the method's carried state as this call has advanced it so far
     backup: dict[str, torch.Tensor] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=lambda: {"keys": 0.0, "targets": 0.0, "update": 0.0})
+    timings: dict[str, float] = field(default_factory=lambda: {"keys": 0.0, "reach": 0.0, "targets": 0.0,
+                                                               "update": 0.0})
     diagnostics: dict = field(default_factory=dict)
 
     @property
@@ -228,7 +229,9 @@ class Method:
 
     def edit(self, ctx: EditContext) -> None:
         window = self.checked_window(ctx)
-        target = ctx.targets(max(window), self.clamp_reference, self.reach(ctx, window))
+        with ctx.timed("reach"):  # building the projection; applying it at every step counts as "targets"
+            project = self.reach(ctx, window)
+        target = ctx.targets(max(window), self.clamp_reference, project)
         ctx.diagnostics.update(layers=window, target_loss=target.losses, target_steps=target.steps,
                                delta_norm=target.delta.norm(dim=0).tolist())
         spread_update(ctx, window, self, target)

@@ -371,7 +371,7 @@ def test_end_to_end_run_outputs(reference_run, shared_data):
     records = ckpt.read_jsonl(run_dir / "results.jsonl")
     assert [r["step"] for r in records] == [1, 2] and [r["edits"] for r in records] == [1, 2]
     for record in records:
-        assert set(record["seconds"]) >= {"keys", "targets", "update", "edit", "evaluation", "stability"}
+        assert set(record["seconds"]) >= {"keys", "reach", "targets", "update", "edit", "evaluation", "stability"}
         assert record["seconds"]["targets"] > 0 and record["seconds"]["edit"] >= record["seconds"]["update"]
         assert set(record["modules"]) <= set(record["stability"])
         assert len(record["retention"]) == 1 and record["retention"][0]["case_id"] == record["case_ids"][0]

@@ -336,3 +336,23 @@ def test_room_window_moves_to_the_layer_its_earlier_edits_left_freer(tokenizer):
         hp.rewrite_module_tmp.format(1): 2, hp.rewrite_module_tmp.format(2): 1}
     with pytest.raises(ValueError, match="input_subspace"):
         tiny_hparams(MOSEInputRoomHyperParams, "llama", input_subspace="null_w")
+
+
+def test_building_the_reach_projection_is_timed_as_its_own_stage(tokenizer, monkeypatch):
+    """The time spent in the method's ``reach`` (the projection built once per call) is reported as "reach"."""
+    import time
+
+    from mose_easyedit.methods.mose_input import MOSE_INPUT_METHOD
+
+    built = MOSE_INPUT_METHOD.reach
+
+    def slow_reach(ctx, window):
+        time.sleep(0.2)
+        return built(ctx, window)
+
+    monkeypatch.setattr(MOSE_INPUT_METHOD, "reach", slow_reach)
+    model = build_tiny_model("llama", len(tokenizer))
+    hp = tiny_hparams(MOSEInputHyperParams, "llama", layer_selection=False, layers=[1, 2], target_reach="rotation")
+    apply_mose_input_to_model(model, tokenizer, [REQUESTS[0]], hp)
+    seconds = me.edit_history(model, "MOSE-input")[-1]["seconds"]
+    assert seconds["reach"] >= 0.2 and seconds["total"] >= seconds["reach"] + seconds["targets"]

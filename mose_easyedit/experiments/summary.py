@@ -113,6 +113,7 @@ def build_summary(cfg: DictConfig, state: Mapping, partial: Mapping, hparams, mo
         "time": {
             "sec_per_edit": per_edit("edit"),
             "keys_per_edit": per_edit("keys"),
+            "reach_per_edit": per_edit("reach"),
             "targets_per_edit": per_edit("targets"),
             "update_per_edit": per_edit("update"),
             "stability_per_edit": per_edit("stability"),
