@@ -60,12 +60,14 @@ class LayerBatch:
 class Operands:
     """A layer's cached operands, fetched by the method for its rule: ``C`` (p, p) the key second moment on the
     weight's device, ``C_factor`` its Cholesky factor (None: not positive definite), ``P`` a null-space projector
-    of C and ``P_rank`` its rank."""
+    of C and ``P_rank`` its rank, ``shield`` an orthonormal basis of the earlier edits' keys inside P's range
+    (the input side)."""
 
     C: Optional[torch.Tensor] = None
     C_factor: Optional[torch.Tensor] = None
     P: Optional[torch.Tensor] = None
     P_rank: Optional[int] = None
+    shield: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,8 @@ class EditContext:
     timings: dict[str, float] = field(default_factory=lambda: {"keys": 0.0, "reach": 0.0, "targets": 0.0,
                                                                "update": 0.0})
     diagnostics: dict = field(default_factory=dict)
+    # operands a method computes once per call and reads twice (for the reach projection and for its rule)
+    memo: dict = field(default_factory=dict)
 
     @property
     def families(self) -> list[list[str]]:

@@ -221,7 +221,8 @@ def low_variance_direction(W: torch.Tensor, k: torch.Tensor, C: torch.Tensor, sh
 
 # ------------------------------------------------------------------------------------------- reachable targets
 def key_subspaces(W: torch.Tensor, k: torch.Tensor, protected: torch.Tensor, P: torch.Tensor | None = None,
-                  C: torch.Tensor | None = None, a_ridge: float | None = None, protect_reading: bool = False):
+                  C: torch.Tensor | None = None, a_ridge: float | None = None, protect_reading: bool = False,
+                  shield: torch.Tensor | None = None):
     """``(a, allowed, reading)`` for key ``k``: the unnormalised turning direction a (its length is the reach
     α = âᵀk), the projector ``allowed`` onto the subspace a comes from, and the projector ``reading`` onto the
     subspace the reading direction b may use; every subspace ⊥ the ``protected`` keys (p × m).
@@ -230,21 +231,45 @@ def key_subspaces(W: torch.Tensor, k: torch.Tensor, protected: torch.Tensor, P: 
     it ("null_w") a lies in null(W), found by a solve with W Wᵀ; with ``a_ridge`` and ``C`` a is instead the
     direction that moves generic keys least per unit of reach (:func:`low_variance_direction`); b is free but
     ⊥ a (and ⊥ the protected keys with ``protect_reading``).
+
+    ``shield``: :func:`protected_basis` of ``protected`` when the caller has it (it is the costly part: an SVD of a
+    p × m matrix). ``reading`` is built on its first use (another such SVD), so a caller that needs only a and
+    ``allowed`` does not pay for it.
     """
     if P is not None:
         base = P.double().__matmul__
     else:
         gram = W @ W.T
         base = lambda x: x - W.T @ torch.linalg.solve(gram, W @ x)  # noqa: E731  (onto null(W))
-    shield = orthonormal_columns(base(protected))
+    if shield is None:
+        shield = orthonormal_columns(base(protected))
     allowed = minus_span(base, shield)
     a = allowed(k)
     if P is None and a_ridge is not None:
         a = low_variance_direction(W, k, C, shield, a_ridge)
     if P is not None:
-        return a, allowed, minus_span(base, orthonormal_columns(torch.cat([shield, a[:, None]], dim=1)))
+        return a, allowed, built_on_first_use(
+            lambda: minus_span(base, orthonormal_columns(torch.cat([shield, a[:, None]], dim=1))))
     avoid = torch.cat([protected, a[:, None]], dim=1) if protect_reading else a[:, None]
-    return a, allowed, minus_span(lambda x: x, orthonormal_columns(avoid))
+    return a, allowed, built_on_first_use(lambda: minus_span(lambda x: x, orthonormal_columns(avoid)))
+
+
+def protected_basis(P: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the protected keys' part in P's range (what :func:`key_subspaces` keeps a and b
+    orthogonal to in "null_c")."""
+    return orthonormal_columns(P.double() @ protected)
+
+
+def built_on_first_use(build: Callable[[], Projector]) -> Projector:
+    """A projector that calls ``build`` once, when it is first applied."""
+    built: list[Projector] = []
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        if not built:
+            built.append(build())
+        return built[0](x)
+
+    return project
 
 
 def project_to_reach(delta: torch.Tensor, readers: list[Reader], radii: torch.Tensor,

@@ -356,3 +356,25 @@ def test_building_the_reach_projection_is_timed_as_its_own_stage(tokenizer, monk
     apply_mose_input_to_model(model, tokenizer, [REQUESTS[0]], hp)
     seconds = me.edit_history(model, "MOSE-input")[-1]["seconds"]
     assert seconds["reach"] >= 0.2 and seconds["total"] >= seconds["reach"] + seconds["targets"]
+
+
+def test_reach_and_rule_share_one_basis_of_the_protected_keys_per_layer(tokenizer, monkeypatch):
+    """One call of one request on a 2-layer window with reachable targets orthogonalises twice per layer: the
+    protected keys' basis once (the reach projection and the rule share it) and the reading subspace once (built
+    only where it is used, in the rule); the edit is the same as without the sharing (the digests pin it)."""
+    import mose_easyedit.input_rotation as input_rotation
+
+    model = build_tiny_model("llama", len(tokenizer))
+    hp = tiny_hparams(MOSEInputHyperParams, "llama", layer_selection=False, layers=[1, 2], input_subspace="null_c",
+                      nullspace_threshold=1e3, target_reach="rotation")
+    apply_mose_input_to_model(model, tokenizer, [REQUESTS[0]], hp)  # the second call has protected keys
+    calls = []
+    counted = input_rotation.orthonormal_columns
+
+    def counting(X, *args, **kwargs):
+        calls.append(X.shape[1])
+        return counted(X, *args, **kwargs)
+
+    monkeypatch.setattr(input_rotation, "orthonormal_columns", counting)
+    apply_mose_input_to_model(model, tokenizer, [REQUESTS[1]], hp)
+    assert sorted(calls) == [1, 1, 2, 2]  # per layer: the one earlier key, then it and the turning direction

@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 
 from ..editor import EditContext, LayerBatch, Operands, Update
-from ..input_rotation import Reader, aimed_null_plane, aimed_plane, key_subspaces, plane_rotate, project_to_reach
+from ..input_rotation import (Reader, aimed_null_plane, aimed_plane, key_subspaces, plane_rotate, project_to_reach,
+                              protected_basis)
 from ..null_space import null_space
 from .mose_shared import MOSEBase, MOSESharedHyperParams, MOSEState, PlaneSteps
 
@@ -53,10 +54,12 @@ class MOSEInputHyperParams(MOSESharedHyperParams):
             raise ValueError(f"{source}: key 'nullspace_threshold' must be > 0")
 
 
-def subspaces(W: torch.Tensor, k: torch.Tensor, protected: torch.Tensor, ops: Operands, hp: MOSEInputHyperParams):
-    """:func:`~mose_easyedit.input_rotation.key_subspaces` for this configuration."""
+def subspaces(W: torch.Tensor, k: torch.Tensor, protected: torch.Tensor, ops: Operands, hp: MOSEInputHyperParams,
+              shield: Optional[torch.Tensor] = None):
+    """:func:`~mose_easyedit.input_rotation.key_subspaces` for this configuration (``shield``: the basis of
+    ``protected`` when it is ``ops.shield``)."""
     if hp.input_subspace == "null_c":
-        return key_subspaces(W, k, protected, P=ops.P)
+        return key_subspaces(W, k, protected, P=ops.P, shield=shield)
     C = ops.C.to(W.device, torch.float64) if hp.input_a_ridge is not None else None
     return key_subspaces(W, k, protected, C=C, a_ridge=hp.input_a_ridge, protect_reading=hp.protect_reading)
 
@@ -77,7 +80,7 @@ def turn_each_key(batch: LayerBatch, ops: Operands, state: MOSEState, hp: MOSEIn
     planes, records = [], []
     for j in range(K.shape[1]):
         k = K[:, j]
-        direction, _, reading = subspaces(W, k, protected, ops, hp)
+        direction, _, reading = subspaces(W, k, protected, ops, hp, ops.shield if j == 0 else None)
         norm = float(direction.norm())
         plane = None
         if norm > 1e-12 * float(k.norm()):
@@ -106,8 +109,13 @@ class MOSEInput(MOSEBase):
         C = ctx.second_moments([layer])[layer].to(W.device)
         if ctx.hparams.input_subspace != "null_c":
             return Operands(C=C)
-        P, rank = null_space(ctx.model, ctx.module(layer), C, ctx.hparams.nullspace_threshold)
-        return Operands(C=C, P=P, P_rank=rank)
+        module = ctx.module(layer)
+        P, rank = null_space(ctx.model, module, C, ctx.hparams.nullspace_threshold)
+        protected = self.protected(ctx.state, module, W.T, ctx.hparams)
+        key = ("shield", module, protected.shape[1])  # a layer's protected keys change only when it is edited
+        if key not in ctx.memo:
+            ctx.memo[key] = protected_basis(P, protected)
+        return Operands(C=C, P=P, P_rank=rank, shield=ctx.memo[key])
 
     @staticmethod
     def protected(state: MOSEState, module: str, K: torch.Tensor, hp: MOSEInputHyperParams) -> torch.Tensor:
@@ -127,7 +135,7 @@ class MOSEInput(MOSEBase):
             K = keys[layer].to(W.device)
             ops = self.operands(ctx, layer, W)
             protected = self.protected(ctx.state, ctx.module(layer), K, hp)
-            directions = [subspaces(W, K[:, j], protected, ops, hp) for j in range(K.shape[1])]
+            directions = [subspaces(W, K[:, j], protected, ops, hp, ops.shield) for j in range(K.shape[1])]
             allowed = directions[0][1]
             readers.append(Reader.build(W, allowed if hp.input_subspace == "null_c" else (lambda x: x)))
             radii.append(torch.stack([a.norm() for a, _, _ in directions]))

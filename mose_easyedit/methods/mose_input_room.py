@@ -24,6 +24,7 @@ import torch
 
 from ..editor import EditContext
 from ..modeling import num_layers
+from ..null_space import null_space
 from .mose_input import MOSEInput, MOSEInputHyperParams, input_rotation_rule
 from .mose_shared import layer_window
 
@@ -60,15 +61,14 @@ class MOSEInputRoom(MOSEInput):
         total = num_layers(ctx.model)
         windows = {center: layer_window(center, hp.neighbours, total) for center in hp.candidate_layers}
         layers = sorted({layer for window in windows.values() for layer in window})
-        ctx.second_moments(layers)
+        moments = ctx.second_moments(layers)
         keys, _, _ = ctx.keys(layers)
         room = {}
         for layer in layers:
-            W = ctx.weight(layer)
-            ops = self.operands(ctx, layer, W)
-            K = keys[layer].to(W.device)
-            used = self.protected(ctx.state, ctx.module(layer), K, hp).shape[1]
-            room[layer] = layer_room(K, ops.P, ops.P_rank, used)
+            module = ctx.module(layer)
+            K = keys[layer]
+            P, rank = null_space(ctx.model, module, moments[layer].to(K.device), hp.nullspace_threshold)
+            room[layer] = layer_room(K, P, rank, self.protected(ctx.state, module, K, hp).shape[1])
         scores = {center: sum(room[layer] for layer in window) / len(window) for center, window in windows.items()}
         top = max(scores.values())
         best = next(center for center in windows if scores[center] >= top * (1 - 1e-9))  # ties: the first listed
