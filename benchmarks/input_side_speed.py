@@ -26,11 +26,12 @@ def main(argv=None) -> int:
     setup = load(args)
     from mose_easyedit import edit_history
     from mose_easyedit.methods.mose_shared import MOSEState
+    from mose_easyedit.modeling import read_weight
     from mose_easyedit.session import get_session
 
     hp = setup.hp
     generator = torch.Generator().manual_seed(0)
-    width = setup.model.get_submodule(hp.rewrite_module_tmp.format(hp.layers[0])).weight.shape[1]
+    width = read_weight(setup.model, hp.rewrite_module_tmp.format(hp.layers[0])).shape[1]
     keys = {hp.rewrite_module_tmp.format(layer): torch.randn(width, args.protected, generator=generator)
             for layer in hp.layers}
     get_session(setup.model, setup.spec.name).state = MOSEState(protected_keys=keys)

@@ -24,14 +24,15 @@ def layer_range(text: str) -> list[int]:
     return list(range(int(low), int(high or low) + 1))
 
 
-def edits_per_layer(run: Path) -> Counter:
+def edits_per_layer(run: Path, layer_of: dict[str, int]) -> Counter:
     from mose_easyedit.data import json_lines
 
     counts: Counter = Counter()
     for _, row in json_lines(run / "results.jsonl", complete_only=True):
         requests = row.get("method", {}).get("num_requests", 1)
         for module in row.get("modules", []):
-            counts[int(module.split(".")[2])] += requests
+            if module in layer_of:
+                counts[layer_of[module]] += requests
     return counts
 
 
@@ -47,7 +48,8 @@ def main(argv=None) -> int:
 
     moments = second_moments(setup.model, setup.tok, args.layers, setup.hp)
     own = getattr(setup.hp, "nullspace_threshold", args.thresholds[0])
-    used = {run.name: edits_per_layer(run) for run in args.runs}
+    layer_of = {setup.hp.rewrite_module_tmp.format(layer): layer for layer in args.layers}
+    used = {run.name: edits_per_layer(run, layer_of) for run in args.runs}
     header = ["layer"] + [f"dim / energy < {t:g}" for t in args.thresholds]
     header += [f"{name}: keys / free < {own:g}" for name in used]
     print("| " + " | ".join(header) + " |")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (FAMILIES, assert_bit_identical, build_tiny_model, load_cases, snapshot,
+from conftest import (FAMILIES, assert_bit_identical, build_tiny_model, load_cases, restore, snapshot,
                       tiny_hparams)
 
 import mose_easyedit as me
@@ -65,13 +65,6 @@ def hparams(name: str, family: str, **overrides):
 
 def nll(model, tok, request: dict) -> float:
     return target_nll(model, tok, [request["prompt"]], [request["target_new"]], progress=False)[0]
-
-
-def load(model, weights: dict[str, torch.Tensor]) -> None:
-    """Copy ``weights`` (parameter name -> tensor) into the model, as EasyEdit restores ``weights_copy``."""
-    with torch.no_grad():
-        for name, value in weights.items():
-            model.get_parameter(name).copy_(value)
 
 
 def assert_same_state(actual, expected, where: str = "state") -> None:
@@ -152,7 +145,7 @@ def test_edit_weights_copy_and_malformed_request(tokenizer, name, family):
     assert get_session(model, name) is session and session.state is state
     assert (session.num_edits, len(session.history)) == (num_edits, history)
 
-    load(model, weights_copy)
+    restore(model, weights_copy)
     assert_bit_identical(model, original)
     assert get_session(model, name, create=False) is None
 
@@ -190,7 +183,7 @@ def test_independent_runs_do_not_share_state(tokenizer, name, family):
     second = build_tiny_model(family, len(tokenizer))
     spec.apply(second, tokenizer, [REQUESTS[1]], hp)         # meanwhile, a fresh model
     assert len(me.edit_history(first, name)) == 1 and len(me.edit_history(second, name)) == 1
-    load(first, original)                                    # restored: the run on `first` is over
+    restore(first, original)                                    # restored: the run on `first` is over
     spec.apply(first, tokenizer, [REQUESTS[1]], hp)
     assert len(me.edit_history(first, name)) == 1
     for parameter_name, value in second.named_parameters():
@@ -251,7 +244,7 @@ def test_alphaedit_moment_grows_by_batch_keys_and_resets_with_a_new_run(tokenize
         outside = delta @ (torch.eye(P.shape[0], dtype=torch.float64) - P)
         assert float(outside.norm()) < 1e-4 * float(delta.norm())
 
-    load(model, original)  # a new run starts from zero
+    restore(model, original)  # a new run starts from zero
     ALPHAEDIT_METHOD.apply(model, tokenizer, [REQUESTS[1]], hp)
     fresh = keys_now([REQUESTS[1]])
     assert get_session(model, "AlphaEdit").num_edits == 1
