@@ -55,6 +55,7 @@ TINY = {
     "MOSE-input": dict(layer_selection=False, layers=[1, 2]),
     "MOSE-input-budget": dict(layer_selection=False, layers=[1, 2], protect_rank=1),
     "MOSE-input-room": dict(candidate_layers=[1], neighbours=1, nullspace_threshold=1e3),
+    "MOSE-input-procrustes": dict(layer_selection=False, layers=[1, 2]),
 }
 MODEL_LAYERS = {"llama3-8b": 32, "qwen2.5-7b": 28, "llama2-13b": 40, "smollm2-135m": 30}
 
@@ -89,7 +90,7 @@ def assert_same_state(actual, expected, where: str = "state") -> None:
 CONTRACT_FAMILIES = ("llama", "gpt2")
 MATRIX = [pytest.param(name, family, id=f"{name}-{family}") for name in METHODS for family in CONTRACT_FAMILIES]
 # methods that must keep every singular value
-ROTATIONS = ("MOSE", "MOSE-input", "MOSE-input-budget", "MOSE-input-room", "MOSE-OFT")
+ROTATIONS = ("MOSE", "MOSE-input", "MOSE-input-budget", "MOSE-input-room", "MOSE-input-procrustes", "MOSE-OFT")
 
 
 class SpyWrites:

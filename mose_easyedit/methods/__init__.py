@@ -12,6 +12,8 @@ from .mose_input import MOSE_INPUT_METHOD, MOSEInputHyperParams, apply_mose_inpu
 from .mose_input_budget import (MOSE_INPUT_BUDGET_METHOD, MOSEInputBudgetHyperParams,
                                 apply_mose_input_budget_to_model)
 from .mose_input_room import MOSE_INPUT_ROOM_METHOD, MOSEInputRoomHyperParams, apply_mose_input_room_to_model
+from .mose_input_procrustes import (MOSE_INPUT_PROCRUSTES_METHOD, MOSEInputProcrustesHyperParams,
+                                    apply_mose_input_procrustes_to_model)
 from .mose_shared import undo_mose_edits
 from ..editor import Method
 from .mose_oft import MOSE_OFT_METHOD, MOSEOFTHyperParams, apply_mose_oft_to_model
@@ -51,6 +53,7 @@ register_method(MOSE_METHOD, apply_mose_to_model)
 register_method(MOSE_INPUT_METHOD, apply_mose_input_to_model)
 register_method(MOSE_INPUT_BUDGET_METHOD, apply_mose_input_budget_to_model)
 register_method(MOSE_INPUT_ROOM_METHOD, apply_mose_input_room_to_model)
+register_method(MOSE_INPUT_PROCRUSTES_METHOD, apply_mose_input_procrustes_to_model)
 register_method(MOSE_OFT_METHOD, apply_mose_oft_to_model)
 register_method(ROME_METHOD, apply_rome_to_model, one_fact_at_a_time=True)
 register_method(MEMIT_METHOD, apply_memit_to_model)
@@ -63,7 +66,8 @@ __all__ = ["METHODS", "MethodSpec", "register_method", "MOSEHyperParams", "apply
            "undo_mose_edits", "MOSE_METHOD", "MOSEInputHyperParams",
            "apply_mose_input_to_model", "MOSE_INPUT_METHOD",
            "MOSEInputBudgetHyperParams", "apply_mose_input_budget_to_model",
-           "MOSEInputRoomHyperParams", "apply_mose_input_room_to_model", "MOSEOFTHyperParams",
+           "MOSEInputRoomHyperParams", "apply_mose_input_room_to_model",
+           "MOSEInputProcrustesHyperParams", "apply_mose_input_procrustes_to_model", "MOSEOFTHyperParams",
            "apply_mose_oft_to_model",
            "ROMEHyperParams", "apply_rome_to_model", "MEMITHyperParams", "apply_memit_to_model",
            "RECTHyperParams", "apply_rect_to_model", "EMMETHyperParams", "apply_emmet_to_model",

@@ -72,6 +72,17 @@ class RotationStep:
 
 
 @dataclasses.dataclass(frozen=True)
+class KeyRotationStep:
+    """Undo of one input-side edit of one module by a whole p × p rotation: W ← W Qᵀ (Q float32 on the CPU)."""
+
+    Q: torch.Tensor
+    count: int
+
+    def revert(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight @ self.Q.to(weight.device, torch.float64).T
+
+
+@dataclasses.dataclass(frozen=True)
 class PlaneSteps:
     """Undo of one input-side edit of one module: its planes ``(a, b, t)`` turned back, newest first."""
 
