@@ -14,7 +14,11 @@ from mose_easyedit.input_rotation import (Reader, aimed_null_plane, aimed_plane,
                                           project_to_spheres)
 from mose_easyedit.methods.mose import MOSEHyperParams, apply_mose_to_model
 from mose_easyedit.methods.mose_input import MOSEInputHyperParams, apply_mose_input_to_model
-from mose_easyedit.methods.mose_shared import undo_mose_edits
+from mose_easyedit.editor import LayerBatch, Operands
+from mose_easyedit.methods.mose_input_procrustes import (MOSEInputProcrustesHyperParams,
+                                                         apply_mose_input_procrustes_to_model, key_procrustes_rule,
+                                                         target_keys)
+from mose_easyedit.methods.mose_shared import MOSEState, undo_mose_edits
 from mose_easyedit.modeling import read_weight
 from mose_easyedit.session import get_session
 
@@ -378,3 +382,79 @@ def test_reach_and_rule_share_one_basis_of_the_protected_keys_per_layer(tokenize
     monkeypatch.setattr(input_rotation, "orthonormal_columns", counting)
     apply_mose_input_to_model(model, tokenizer, [REQUESTS[1]], hp)
     assert sorted(calls) == [1, 1, 2, 2]  # per layer: the one earlier key, then it and the turning direction
+
+
+# ------------------------------------------------------------------------ the key-space Procrustes (input side)
+def _key_problem(d=6, p=16, n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(d, p, generator=g, dtype=torch.float64)
+    K = torch.randn(p, n, generator=g, dtype=torch.float64)
+    scales = torch.linspace(2.0, 0.05, p, dtype=torch.float64)[:, None]
+    X = torch.randn(p, 4 * p, generator=g, dtype=torch.float64) * scales
+    return W, K, X @ X.T / X.shape[1], g
+
+
+def test_target_keys_meet_the_request_at_the_key_norm_or_shrink_when_it_is_too_far():
+    W, K, C, g = _key_problem()
+    residual = 0.3 * (W @ K).norm(dim=0) * torch.randn(W.shape[0], K.shape[1], generator=g, dtype=torch.float64)
+    residual = residual / residual.norm(dim=0)
+    K_star, exact = target_keys(W, K, residual, C, ridge=1e-2)
+    assert bool(exact.all())
+    torch.testing.assert_close(W @ K_star, W @ K + residual)
+    torch.testing.assert_close(K_star.norm(dim=0), K.norm(dim=0))
+    far = 100 * (W @ K).norm(dim=0) * residual  # needs a key longer than ‖k‖ in W's row space
+    K_far, exact_far = target_keys(W, K, far, C, ridge=1e-2)
+    assert not bool(exact_far.any())
+    torch.testing.assert_close(K_far.norm(dim=0), K.norm(dim=0))
+
+
+def test_target_keys_move_where_generic_keys_have_little_energy_when_the_ridge_is_small():
+    W, K, C, g = _key_problem(n=1)
+    residual = 0.2 * (W @ K).norm() * torch.randn(W.shape[0], 1, generator=g, dtype=torch.float64)
+    moves = {}
+    for ridge in (1e-3, 1e3):
+        K_star, _ = target_keys(W, K, residual, C, ridge)
+        step = (K_star - K)[:, 0]
+        moves[ridge] = float(step @ C @ step / (step @ step))
+    assert moves[1e-3] < 0.5 * moves[1e3]
+
+
+def test_key_procrustes_rule_delivers_keeps_the_spectrum_and_weighs_earlier_keys():
+    W, K, C, g = _key_problem(n=1)
+    earlier = torch.randn(W.shape[1], 3, generator=g, dtype=torch.float64)
+    state = MOSEState(protected_keys={"m": earlier.float()})
+    residual = 0.2 * (W @ K).norm() * torch.randn(W.shape[0], 1, generator=g, dtype=torch.float64)
+    batch = LayerBatch(layer=0, module="m", W=W, K=K, K_bare=K, residual=residual, position=0, window=[0])
+    moved = {}
+    for gamma in (0.0, 100.0):
+        hp = tiny_hparams(MOSEInputProcrustesHyperParams, "llama", mose_lambda=1e-3, protect_weight=gamma)
+        update = key_procrustes_rule(batch, Operands(C=C), state, hp)
+        torch.testing.assert_close(torch.linalg.svdvals(update.weight), torch.linalg.svdvals(W))
+        moved[gamma] = float((update.weight @ earlier.float().double() - W @ earlier.float().double()).norm())
+        if gamma == 0.0:
+            assert update.diagnostics["fit_error"] < 1e-3
+        step = update.state.pending["m"]
+        torch.testing.assert_close(step.revert(update.weight), W, atol=1e-5, rtol=0)
+        assert update.state.protected_keys["m"].shape[1] == 4
+    assert moved[100.0] < 0.2 * moved[0.0]
+
+
+def test_key_procrustes_edit_on_a_tiny_model_keeps_the_spectrum_and_undoes(tokenizer):
+    model = build_tiny_model("llama", len(tokenizer))
+    hp = tiny_hparams(MOSEInputProcrustesHyperParams, "llama", layer_selection=False, layers=[1, 2])
+    original = snapshot(model)
+    modules = [hp.rewrite_module_tmp.format(layer) for layer in (1, 2)]
+    before = target_logprob(model, tokenizer, REQUESTS[0]["prompt"], "English")
+    apply_mose_input_procrustes_to_model(model, tokenizer, [REQUESTS[0]], hp)
+    apply_mose_input_procrustes_to_model(model, tokenizer, [REQUESTS[1]], hp)
+    assert target_logprob(model, tokenizer, REQUESTS[0]["prompt"], "English") > before + 0.25
+    entry = me.edit_history(model, "MOSE-input-procrustes")[-1]
+    assert set(entry["per_layer"][1]) >= {"rho", "fit_error", "key_move", "rotation_distance", "reachable"}
+    for m in modules:
+        torch.testing.assert_close(torch.linalg.svdvals(read_weight(model, m).double()),
+                                   torch.linalg.svdvals(original[m + ".weight"].double()), rtol=1e-5, atol=1e-6)
+    assert undo_mose_edits(model, 2, method="MOSE-input-procrustes") == 2
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, original[name], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="target_reach"):
+        tiny_hparams(MOSEInputProcrustesHyperParams, "llama", target_reach="rotation")
