@@ -111,10 +111,10 @@ class MOSEInput(MOSEBase):
             return Operands(C=C)
         module = ctx.module(layer)
         P, rank = null_space(ctx.model, module, C, ctx.hparams.nullspace_threshold)
-        protected = self.protected(ctx.state, module, W.T, ctx.hparams)
-        key = ("shield", module, protected.shape[1])  # a layer's protected keys change only when it is edited
+        earlier = ctx.state.protected_keys.get(module)
+        key = ("shield", module, 0 if earlier is None else earlier.shape[1])  # they change only when it is edited
         if key not in ctx.memo:
-            ctx.memo[key] = protected_basis(P, protected)
+            ctx.memo[key] = protected_basis(P, self.protected(ctx.state, module, W.T, ctx.hparams))
         return Operands(C=C, P=P, P_rank=rank, shield=ctx.memo[key])
 
     @staticmethod
