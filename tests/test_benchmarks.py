@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import CORPUS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,3 +101,22 @@ def test_horizon_report_tables_crossings_and_windows(tmp_path):
     assert window[4] == "| 1–2 | 0.500 | 0.400 |"
     assert (tmp_path / "out" / "horizon_single.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "out" / "horizon.md").read_text(encoding="utf-8") == report
+
+
+def test_key_drift_orders_keys_by_edit_and_averages_per_window():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from key_drift import edit_numbers, edited_cases, windowed_drift
+
+    a, b = "model.layers.4.mlp.down_proj", "model.layers.5.mlp.down_proj"
+    records = [{"edits": 2, "case_ids": [7, 3], "modules": [a, b]},   # a batch of two
+               {"edits": 3, "case_ids": [9], "modules": [b]},
+               {"edits": 4, "case_ids": [1], "modules": [a]}]
+    assert edited_cases(records, [a, b]) == {a: [7, 3, 1], b: [7, 3, 9]}
+    assert edit_numbers(records, a) == [1, 2, 4] and edit_numbers(records, b) == [1, 2, 3]
+    recorded = torch.eye(3)
+    now = recorded.clone()
+    now[:, 2] *= 1.5                      # the key of edit 4 drifted by half its length, the others not at all
+    W = torch.diag(torch.tensor([1.0, 1.0, 2.0]))
+    assert windowed_drift(recorded, now, W, [1, 2, 4], 4, 2) == ["0.000 / 0.000", "0.500 / 0.500"]
+    assert windowed_drift(recorded, now, W, [1, 2, 4], 4, 1) == ["0.000 / 0.000", "0.000 / 0.000", "–",
+                                                                 "0.500 / 0.500"]
