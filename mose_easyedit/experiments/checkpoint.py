@@ -7,8 +7,8 @@ A checkpoint holds what an edit step changes and nothing that can be recomputed 
 
 * ``weights``: every parameter the method has written so far (a copy on the CPU);
 * ``sessions``: the model's editing sessions (``model.__dict__["_mose_easyedit_sessions"]``: carried state,
-  history, fingerprints). They are restored *after* the weights, so their fingerprints match and the next edit
-  continues the same run;
+  history, fingerprints). They are restored *after* the weights, with their fingerprints taken anew from them,
+  so the next edit continues the same run;
 * ``cache``: the small entries of the per-model cache (context templates, spectral norms of the original
   weights, ...), so values a method caches lazily on first use are the ones an uninterrupted run would use;
   the large key statistics are not stored (they come back from the on-disk statistics cache);
@@ -191,17 +191,24 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def restore_checkpoint(model, payload: Mapping) -> None:
-    """Put a checkpoint back into a freshly loaded model: cache entries, then weights, then the sessions (whose
-    fingerprints must match the restored weights), then the RNG states."""
+    """Put a checkpoint back into a freshly loaded model: cache entries, then weights (bit for bit: the model must
+    hold them in the dtype they were saved in), then the sessions, then the RNG states.
+
+    The sessions' weight fingerprints are recomputed from the restored weights: the weights are the checkpoint's
+    own, and a fingerprint's float sums depend on the thread count, which a resumed run may change."""
+    for name, value in payload["weights"].items():
+        parameter = model.get_parameter(name)
+        if parameter.dtype != value.dtype:
+            raise ValueError(f"checkpoint: {name} was saved as {value.dtype} but the model holds "
+                             f"{parameter.dtype}; load the model in the run's dtype")
     model_cache(model).update(payload["cache"])
     with torch.no_grad():
         for name, value in payload["weights"].items():
             parameter = model.get_parameter(name)
-            parameter.copy_(value.to(device=parameter.device, dtype=parameter.dtype))
+            parameter.copy_(value.to(device=parameter.device))
     sessions = model.__dict__.setdefault(SESSIONS_ATTRIBUTE, {})
     sessions.clear()
     for method, session in payload["sessions"].items():
-        if not session.matches(model):
-            raise RuntimeError(f"checkpoint: the {method} session does not match the restored weights")
+        session.record_weights(model, list(session.fingerprints))
         sessions[method] = session
     set_rng_state(payload["rng"])
