@@ -12,7 +12,7 @@ families), and prints per layer and per window of edit order:
   output for that fact, beside which the protection's own tolerance (how far a later solve may move W k_rec)
   can be read.
 
-    python benchmarks/key_drift.py runs/long/runs/MOSE-input-procrustes-single runs/long/runs/MOSE-single
+    python benchmarks/key_drift.py runs/long/runs/MOSE-input-procrustes-single runs/long/runs/MOSE-input-t5e-2-single
 """
 from __future__ import annotations
 
@@ -26,33 +26,26 @@ from _embedded import DEFAULT_DATA
 logger = logging.getLogger("benchmarks.key_drift")
 
 
-def edited_cases(records: list[dict], modules: list[str]) -> dict[str, list[int]]:
-    """Per module, the case ids of the requests that edited it, in the order their keys were recorded."""
-    order: dict[str, list[int]] = {module: [] for module in modules}
+def recorded_order(records: list[dict], module: str) -> list[tuple[int, int]]:
+    """``(case id, edit number)`` of each request that edited ``module``, in the order its key was recorded (the
+    edit number is the request's position in the run: a call of b requests after n edits holds n+1 … n+b)."""
+    order = []
     for record in records:
-        for module in record.get("modules", []):
-            if module in order:
-                order[module].extend(record["case_ids"])
+        if module in record.get("modules", []):
+            first = record["edits"] - len(record["case_ids"])
+            order.extend((case, first + 1 + i) for i, case in enumerate(record["case_ids"]))
     return order
 
 
-def current_keys(model, tok, hp, requests, modules: list[str]) -> dict[str, torch.Tensor]:
-    """Template-mean keys ``{module: (p, n)}`` of ``requests`` at ``modules`` on the model as it is now."""
-    from mose_easyedit.keys import context_templates, encode_rows, family_mean, trace_at_subject
-
-    families = context_templates(model, tok, hp.context_template_length_params, hp.seed)
-    rows, index = encode_rows(tok, requests, families)
-    deepest = max(int(module.split(".")[2]) for module in modules)
-    traced = trace_at_subject(model, tok, rows, modules, (), hp.layer_module_tmp.format(deepest), hp.chunk_size)
-    return {module: family_mean(traced[("input", module)], index).double() for module in modules}
-
-
 def drift_rows(run: Path, model, tok, originals: dict, by_case: dict, window: int) -> list[str]:
-    from mose_easyedit.cache import model_cache
-    from mose_easyedit.experiments.checkpoint import load_checkpoint
+    """The markdown table of one run: its checkpoint restored into ``model`` (whose original weights ``originals``
+    keeps, filled as parameters are first written), the protected keys recomputed layer by layer."""
+    from mose_easyedit.editor import EditContext
+    from mose_easyedit.experiments.checkpoint import load_checkpoint, restore_checkpoint
     from mose_easyedit.methods import METHODS
-    from mose_easyedit.modeling import read_weight, write_weight
+    from mose_easyedit.modeling import num_layers, read_weight
     from mose_easyedit.requests import validate_requests
+    from mose_easyedit.session import EditSession
 
     payload = load_checkpoint(run / "checkpoint.pt")
     sessions = payload["sessions"]
@@ -63,28 +56,30 @@ def drift_rows(run: Path, model, tok, originals: dict, by_case: dict, window: in
     if not protected:
         raise SystemExit(f"{run}: the {method} session protects no keys")
     hp = METHODS[method].hparams_cls.from_hparams(run / "hparams.yaml")
-    for name, value in originals.items():  # every run starts from the original weights
-        write_weight(model, name, value)
-    model_cache(model).update(payload["cache"])
-    with torch.no_grad():
-        for name, value in payload["weights"].items():
-            model.get_parameter(name).copy_(value.to(model.get_parameter(name).dtype))
-    modules = sorted(protected, key=lambda m: int(m.split(".")[2]))
-    order = edited_cases(payload["state"]["records"], modules)
+    with torch.no_grad():  # every run starts from the original weights
+        for name, value in originals.items():
+            model.get_parameter(name).copy_(value)
+        for name in payload["weights"]:
+            originals.setdefault(name, model.get_parameter(name).detach().clone())
+    restore_checkpoint(model, payload)
+    layer_of = {hp.rewrite_module_tmp.format(layer): layer for layer in range(num_layers(model))}
     edits = payload["state"]["edits_done"]
     columns = [f"edits {a + 1}–{min(a + window, edits)}: drift / output" for a in range(0, edits, window)]
     lines = [f"\n{run.name}: {method}, {edits} edits (checkpoint)\n",
              "| layer | facts | " + " | ".join(columns) + " |", "|" + "---|" * (2 + len(columns))]
-    for module in modules:
+    for module in sorted(protected, key=layer_of.__getitem__):
         recorded = protected[module].double()
-        cases = order[module]
-        if len(cases) != recorded.shape[1]:
+        order = recorded_order(payload["state"]["records"], module)
+        if len(order) != recorded.shape[1]:
             raise SystemExit(f"{run}: {module} protects {recorded.shape[1]} keys but the records list "
-                             f"{len(cases)} edits of it")
-        now = current_keys(model, tok, hp, validate_requests([by_case[c] for c in cases]), [module])[module]
+                             f"{len(order)} edits of it")
+        layer = layer_of[module]
+        logger.info("%s: layer %d, recomputing the keys of %d fact(s)", run.name, layer, len(order))
+        requests = validate_requests([by_case[case] for case, _ in order])
+        now = EditContext(model, tok, hp, EditSession(method), requests).keys([layer])[0][layer].cpu()
         W = read_weight(model, module).double().cpu()
-        cells = windowed_drift(recorded, now, W, edit_numbers(payload["state"]["records"], module), edits, window)
-        lines.append(f"| {module.split('.')[2]} | {len(cases)} | " + " | ".join(cells) + " |")
+        cells = windowed_drift(recorded, now, W, [number for _, number in order], edits, window)
+        lines.append(f"| {layer} | {len(order)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -101,16 +96,6 @@ def windowed_drift(recorded: torch.Tensor, now: torch.Tensor, W: torch.Tensor, e
     return cells
 
 
-def edit_numbers(records: list[dict], module: str) -> list[int]:
-    """The edit count at which each protected key of ``module`` was recorded (its request's position)."""
-    numbers = []
-    for record in records:
-        if module in record.get("modules", []):
-            first = record["edits"] - len(record["case_ids"])
-            numbers.extend(first + 1 + i for i in range(len(record["case_ids"])))
-    return numbers
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, nargs="+", help="run folders with a checkpoint.pt")
@@ -121,7 +106,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     from mose_easyedit.data import load_counterfact
-    from mose_easyedit.modeling import load_default_model, read_weight
+    from mose_easyedit.modeling import load_default_model
 
     missing = [str(run) for run in args.runs if not (run / "checkpoint.pt").is_file()]
     if missing:
@@ -129,8 +114,7 @@ def main(argv=None) -> int:
     model, tok = load_default_model()
     cases = load_counterfact(args.data_dir / "counterfact" / "counterfact-edit.json")
     by_case = {case["case_id"]: case for case in cases}
-    originals = {f"model.layers.{layer}.mlp.down_proj": read_weight(model, f"model.layers.{layer}.mlp.down_proj")
-                 .detach().clone() for layer in range(len(model.model.layers))}
+    originals: dict = {}
     for run in args.runs:
         for line in drift_rows(run, model, tok, originals, by_case, args.window):
             print(line)

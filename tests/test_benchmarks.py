@@ -105,14 +105,14 @@ def test_horizon_report_tables_crossings_and_windows(tmp_path):
 
 def test_key_drift_orders_keys_by_edit_and_averages_per_window():
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from key_drift import edit_numbers, edited_cases, windowed_drift
+    from key_drift import recorded_order, windowed_drift
 
     a, b = "model.layers.4.mlp.down_proj", "model.layers.5.mlp.down_proj"
     records = [{"edits": 2, "case_ids": [7, 3], "modules": [a, b]},   # a batch of two
                {"edits": 3, "case_ids": [9], "modules": [b]},
                {"edits": 4, "case_ids": [1], "modules": [a]}]
-    assert edited_cases(records, [a, b]) == {a: [7, 3, 1], b: [7, 3, 9]}
-    assert edit_numbers(records, a) == [1, 2, 4] and edit_numbers(records, b) == [1, 2, 3]
+    assert recorded_order(records, a) == [(7, 1), (3, 2), (1, 4)]
+    assert recorded_order(records, b) == [(7, 1), (3, 2), (9, 3)]
     recorded = torch.eye(3)
     now = recorded.clone()
     now[:, 2] *= 1.5                      # the key of edit 4 drifted by half its length, the others not at all
