@@ -9,6 +9,7 @@ so state never leaks between independent runs.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,12 +23,23 @@ logger = logging.getLogger(__name__)
 SESSIONS_ATTRIBUTE = "_mose_easyedit_sessions"
 
 
-def weight_fingerprint(weight: torch.Tensor) -> tuple[float, float, float]:
-    """Cheap, deterministic summary of a weight: its sum, sum of squares and a fixed random projection."""
-    w = weight.detach().double()
-    gen = torch.Generator(device="cpu").manual_seed(1234)
-    probe = torch.randn(w.shape[1], generator=gen, dtype=torch.float64).to(w.device)
-    return float(w.sum()), float((w * w).sum()), float((w @ probe).sum())
+_WORD = {1: torch.int8, 2: torch.int16}  # wider elements are read as 32-bit words
+
+
+def weight_fingerprint(weight: torch.Tensor) -> tuple:
+    """Exact summary of a weight: shape, dtype and a digest of the integer row and column sums of its bits.
+
+    The bits are read as integer words (16-bit for bf16/fp16, 32-bit for fp32 and wider) and summed in int64, which
+    cannot overflow at any weight size a model has, so the sums are exact: the same on every device and every thread
+    count (float sums are not: their last bits follow the reduction order). Any change of a bit changes a row sum;
+    two elements swapping places change a column sum or a row sum."""
+    w = weight.detach().contiguous()
+    rows = w.reshape(w.shape[0] if w.dim() else 1, -1)
+    words = rows.view(_WORD.get(rows.element_size(), torch.int32)).to(torch.int64)
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(words.sum(dim=1).cpu().numpy().tobytes())
+    digest.update(words.sum(dim=0).cpu().numpy().tobytes())
+    return tuple(weight.shape), str(weight.dtype), digest.hexdigest()
 
 
 @dataclass

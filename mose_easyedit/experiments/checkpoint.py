@@ -194,8 +194,8 @@ def restore_checkpoint(model, payload: Mapping) -> None:
     """Put a checkpoint back into a freshly loaded model: cache entries, then weights (bit for bit: the model must
     hold them in the dtype they were saved in), then the sessions, then the RNG states.
 
-    The sessions' weight fingerprints are recomputed from the restored weights: the weights are the checkpoint's
-    own, and a fingerprint's float sums depend on the thread count, which a resumed run may change."""
+    The sessions' weight fingerprints are recomputed from the restored weights, which are the checkpoint's own:
+    a checkpoint written before the fingerprints became exact integer digests still resumes."""
     for name, value in payload["weights"].items():
         parameter = model.get_parameter(name)
         if parameter.dtype != value.dtype:
