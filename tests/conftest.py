@@ -92,6 +92,28 @@ def tiny_hparams(cls, family: str, **overrides):
     return cls.from_dict(config, f"tiny-{family}")
 
 
+class OneProjection(torch.nn.Module):
+    """A model of one down projection at the embedded model's shape (576 × 1536)."""
+
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.down_proj = torch.nn.Linear(1536, 576, bias=False, dtype=dtype)
+
+
+def session_on_one_projection(threads: int, method: str = "MOSE"):
+    """``(model, session)``: a seeded :class:`OneProjection` whose ``method`` session carries state and has recorded
+    its weight with torch on ``threads`` threads (the caller restores the thread count)."""
+    from mose_easyedit.session import get_session
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = OneProjection()
+    session = get_session(model, method)
+    session.state = "carried"
+    session.record_weights(model, ["down_proj"])
+    return model, session
+
+
 def load_cases(n: int, start: int = 0) -> list[dict]:
     import json
 

@@ -574,31 +574,23 @@ def load_model_for(run_dir: Path):
 
 
 def test_a_checkpoint_resumes_under_another_thread_count_and_refuses_another_dtype(tmp_path):
-    from mose_easyedit.session import get_session
+    from conftest import OneProjection, session_on_one_projection
 
-    class Block(torch.nn.Module):
-        def __init__(self, dtype=torch.float32):
-            super().__init__()
-            self.down_proj = torch.nn.Linear(1536, 576, bias=False, dtype=dtype)
+    from mose_easyedit.session import get_session
 
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        torch.manual_seed(0)
-        model = Block()
-        session = get_session(model, "MOSE")
-        session.state = "carried"
+        model, session = session_on_one_projection(threads=1)
         with torch.no_grad():
             model.down_proj.weight.mul_(1.5)
         session.record_weights(model, ["down_proj"])
         ckpt.save_checkpoint(tmp_path / "checkpoint.pt", model, ["down_proj.weight"], {"edits_done": 1})
-        # the float sums of a fingerprint of this size differ between one and two threads
         torch.set_num_threads(2)
-        resumed = Block()
+        resumed = OneProjection()
         ckpt.restore_checkpoint(resumed, ckpt.load_checkpoint(tmp_path / "checkpoint.pt"))
         assert torch.equal(resumed.down_proj.weight, model.down_proj.weight)
         assert get_session(resumed, "MOSE").state == "carried"  # the same editing run, not a new one
-        wrong = Block(torch.float64)
+        wrong = OneProjection(torch.float64)
         before = wrong.down_proj.weight.clone()
         with pytest.raises(ValueError, match=r"down_proj.weight was saved as torch.float32 .* torch.float64"):
             ckpt.restore_checkpoint(wrong, ckpt.load_checkpoint(tmp_path / "checkpoint.pt"))

@@ -2,24 +2,14 @@
 import pytest
 import torch
 
+from conftest import session_on_one_projection
 from mose_easyedit.session import get_session, weight_fingerprint
-
-
-class Block(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.down_proj = torch.nn.Linear(1536, 576, bias=False)
 
 
 def test_a_session_survives_a_change_of_thread_count_between_calls():
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        torch.manual_seed(0)
-        model = Block()
-        session = get_session(model, "MOSE")
-        session.state = "carried"
-        session.record_weights(model, ["down_proj"])
+        model, session = session_on_one_projection(threads=1)
         # a float64 sum of this weight ends in other bits on two threads than on one
         torch.set_num_threads(2)
         assert get_session(model, "MOSE") is session
