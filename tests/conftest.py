@@ -100,18 +100,23 @@ class OneProjection(torch.nn.Module):
         self.down_proj = torch.nn.Linear(1536, 576, bias=False, dtype=dtype)
 
 
+@contextlib.contextmanager
 def session_on_one_projection(threads: int, method: str = "MOSE"):
-    """``(model, session)``: a seeded :class:`OneProjection` whose ``method`` session carries state and has recorded
-    its weight with torch on ``threads`` threads (the caller restores the thread count)."""
+    """Yields ``(model, session)``: a seeded :class:`OneProjection` whose ``method`` session carries state and has
+    recorded its weight with torch on ``threads`` threads; torch's thread count is restored on exit."""
     from mose_easyedit.session import get_session
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = OneProjection()
-    session = get_session(model, method)
-    session.state = "carried"
-    session.record_weights(model, ["down_proj"])
-    return model, session
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        model = OneProjection()
+        session = get_session(model, method)
+        session.state = "carried"
+        session.record_weights(model, ["down_proj"])
+        yield model, session
+    finally:
+        torch.set_num_threads(before)
 
 
 def load_cases(n: int, start: int = 0) -> list[dict]:

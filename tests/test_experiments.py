@@ -578,9 +578,7 @@ def test_a_checkpoint_resumes_under_another_thread_count_and_refuses_another_dty
 
     from mose_easyedit.session import get_session
 
-    threads = torch.get_num_threads()
-    try:
-        model, session = session_on_one_projection(threads=1)
+    with session_on_one_projection(threads=1) as (model, session):
         with torch.no_grad():
             model.down_proj.weight.mul_(1.5)
         session.record_weights(model, ["down_proj"])
@@ -595,5 +593,3 @@ def test_a_checkpoint_resumes_under_another_thread_count_and_refuses_another_dty
         with pytest.raises(ValueError, match=r"down_proj.weight was saved as torch.float32 .* torch.float64"):
             ckpt.restore_checkpoint(wrong, ckpt.load_checkpoint(tmp_path / "checkpoint.pt"))
         assert torch.equal(wrong.down_proj.weight, before)
-    finally:
-        torch.set_num_threads(threads)

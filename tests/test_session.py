@@ -7,14 +7,10 @@ from mose_easyedit.session import get_session, weight_fingerprint
 
 
 def test_a_session_survives_a_change_of_thread_count_between_calls():
-    threads = torch.get_num_threads()
-    try:
-        model, session = session_on_one_projection(threads=1)
+    with session_on_one_projection(threads=1) as (model, session):
         # a float64 sum of this weight ends in other bits on two threads than on one
         torch.set_num_threads(2)
         assert get_session(model, "MOSE") is session
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
